@@ -1,0 +1,46 @@
+# Two commands for a newcomer: `make run` and `make test`. Both set up whatever is missing first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+# Offline by default: nothing may reach a model hub, and no tool phones home.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export BENTOML_DO_NOT_TRACK := true
+export BENTOML_HOME := $(CURDIR)/work/bentoml
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export CACARA_WEIGHTS_DIR := $(CURDIR)/work/weights
+
+.PHONY: setup data run test repro summary clean help
+
+help:
+	@echo "make run   - set up, restore the demo corpus (dvc pull), run the pipeline (dvc repro), print results"
+	@echo "make test  - set up, restore the demo corpus, run the test suite"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade-strategy only-if-needed -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(STAMP)
+
+# The demo corpus lives in the DVC remote committed inside the repo (dvc-remote/): no network needed.
+data: setup
+	$(BIN)/dvc pull --quiet data.dvc
+
+repro: data
+	$(BIN)/dvc repro
+
+summary: setup
+	$(BIN)/cacara summary
+
+run: repro summary
+
+test: data
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf work reports

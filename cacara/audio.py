@@ -1,0 +1,103 @@
+"""Decoding, downmixing, resampling and level statistics: the one place that touches audio samples.
+
+soundfile (libsndfile, bundled in its wheel) decodes wav/flac/ogg/mp3 without FFmpeg; torchaudio's
+``functional.resample`` resamples. ``torchaudio.load`` is avoided on purpose: it needs FFmpeg.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used, with a short machine-readable reason (``undecodable``, ``empty``...)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DecodedAudio:
+    """Mono float32 samples at ``sample_rate`` plus what the file was before conversion."""
+
+    samples: np.ndarray
+    sample_rate: int
+    orig_sample_rate: int
+    orig_channels: int
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / float(self.sample_rate)
+
+
+def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int | None = None) -> DecodedAudio:
+    """Decode any soundfile-readable input to mono float32 at ``target_sr``.
+
+    Raises AudioError with reason ``too_large``, ``undecodable`` or ``empty``; the caller decides
+    whether that quarantines a clip (ingest) or answers 400 (the service).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        if max_bytes is not None and len(source) > max_bytes:
+            raise AudioError("too_large", f"{len(source)} bytes > limit {max_bytes}")
+        if len(source) == 0:
+            raise AudioError("empty", "zero-length input")
+        fh: str | BinaryIO = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        size = Path(source).stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise AudioError("too_large", f"{size} bytes > limit {max_bytes}")
+        if size == 0:
+            raise AudioError("empty", "zero-length file")
+        fh = str(source)
+    else:
+        fh = source
+    try:
+        data, sr = sf.read(fh, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError("undecodable", str(exc).strip() or type(exc).__name__) from exc
+    if data.shape[0] == 0:
+        raise AudioError("empty", "no samples")
+    if not np.isfinite(data).all():
+        raise AudioError("undecodable", "non-finite samples")
+    channels = data.shape[1]
+    mono = data.mean(axis=1) if channels > 1 else data[:, 0]
+    return DecodedAudio(resample(mono, sr, target_sr), target_sr, int(sr), int(channels))
+
+
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling through torchaudio; a no-op when the rates already match."""
+    if orig_sr == target_sr:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), orig_sr, target_sr)
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def rms_dbfs(samples: np.ndarray) -> float:
+    """RMS level in dB relative to full scale; -inf for digital silence."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    return 20.0 * math.log10(rms) if rms > 0 else float("-inf")
+
+
+def clipping_ratio(samples: np.ndarray, level: float) -> float:
+    """Share of samples at or beyond ``level`` (full scale = 1.0)."""
+    return float(np.mean(np.abs(samples) >= level)) if len(samples) else 0.0
+
+
+def write(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write 16-bit PCM (FLAC or WAV by suffix): lossless for what models consume, half the size as FLAC."""
+    p = Path(path)
+    subtype = "PCM_16"
+    tmp = p.with_name(p.name + ".tmp")
+    sf.write(str(tmp), np.clip(samples, -1.0, 1.0), sample_rate, subtype=subtype, format=p.suffix.lstrip(".").upper())
+    tmp.replace(p)

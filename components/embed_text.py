@@ -1,0 +1,56 @@
+"""Step 3, embed_text: every caption in every language, plus the AudioSet class names, through each
+frozen text tower once. Later steps read the cache; none of them runs a text encoder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cacara.manifest import iter_captions, read_manifest
+from model.text_cache import TextEmbeddingCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedTextResult:
+    out_dir: Path
+    counts: dict[str, tuple[int, int]]  # encoder -> (texts cached, newly embedded this run)
+
+    def summary(self) -> str:
+        return "embed_text: " + "; ".join(f"{name}: {total} texts ({new} new)"
+                                         for name, (total, new) in self.counts.items())
+
+
+def class_prompts(params: dict[str, Any]) -> list[str]:
+    """AudioSet class names as the text tower sees them (used by the text-centric initialisation)."""
+    from model.audio_encoders import class_names_for
+
+    names = class_names_for(params["model"]["audio_encoder"])
+    return [params["model"]["class_prompt"].format(n) for n in names] if names else []
+
+
+def embed_text(dataset_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> EmbedTextResult:
+    """Fill the per-encoder caches in ``out_dir`` with every caption and class prompt not cached yet."""
+    from model.text_encoders import build_text_encoder
+
+    clips = read_manifest(dataset_dir)
+    texts = sorted({text for _, _, _, text in iter_captions(clips)} | set(class_prompts(params)))
+    counts: dict[str, tuple[int, int]] = {}
+    for name in encoders_needed(params):
+        cache = TextEmbeddingCache(out_dir, name)
+        todo = cache.missing(texts)
+        new = cache.add(todo, build_text_encoder(name)) if todo else 0
+        cache.save()
+        counts[name] = (len(cache), new)
+        log.info("%s: %d texts cached, %d embedded now", name, len(cache), new)
+    return EmbedTextResult(Path(out_dir), counts)
+
+
+def encoders_needed(params: dict[str, Any]) -> list[str]:
+    """The training tower, the English-only contrast and any extra listed: each embedded once."""
+    names = [params["model"]["text_encoder"], params["evaluate"]["english_only_text_encoder"],
+             *params["embed_text"]["extra_encoders"]]
+    return list(dict.fromkeys(names))

@@ -1,0 +1,77 @@
+"""Retrieval metrics under the standard multi-caption protocol (Clotho / AudioCaps).
+
+text->audio ranks every caption against all clips (one relevant clip each); audio->text ranks all
+captions for each clip and counts the best-ranked of the clip's own captions for R@k, while mAP@10
+uses all of them. Ties are broken pessimistically, so a degenerate model (all scores equal) scores at
+chance or below, never perfectly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+KS = (1, 5, 10)
+MAP_AT = 10
+
+
+def _pessimistic_ranks(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """1-based rank of each relevant item in its row; ties count against the relevant item.
+
+    ``scores`` [Q, N]; ``relevant`` [Q, N] boolean. Returns [Q, N] ranks (only meaningful where relevant).
+    """
+    # For each (q, j): number of OTHER items scoring >= scores[q, j], plus one.
+    order = np.sort(scores, axis=1)[:, ::-1]
+    ge = np.empty_like(scores, dtype=np.int64)
+    for q in range(scores.shape[0]):
+        # count of items with score >= s, via searchsorted on the ascending copy
+        asc = order[q, ::-1]
+        ge[q] = scores.shape[1] - np.searchsorted(asc, scores[q], side="left")
+    return np.where(relevant, ge, 0)
+
+
+def _ap_at(ranks_rel: list[np.ndarray], k: int) -> np.ndarray:
+    """Average precision at k for each query given the sorted ranks of its relevant items."""
+    out = np.zeros(len(ranks_rel))
+    for i, ranks in enumerate(ranks_rel):
+        ranks = np.sort(ranks)
+        hits = ranks[ranks <= k]
+        if len(ranks) == 0:
+            continue
+        precision = np.arange(1, len(hits) + 1) / hits
+        out[i] = precision.sum() / min(len(ranks), k)
+    return out
+
+
+def retrieval_metrics(text_emb: np.ndarray, audio_emb: np.ndarray, text_clip: Sequence[int],
+                      ks: Sequence[int] = KS, map_at: int = MAP_AT) -> dict[str, float]:
+    """R@k and mAP@k in both directions, in percent.
+
+    ``text_emb`` [T, D] and ``audio_emb`` [A, D] are L2-normalised; ``text_clip[t]`` is the index of
+    the clip that caption t describes. Clips without any caption are still ranked as distractors for
+    text->audio but are not audio->text queries.
+    """
+    text_clip = np.asarray(text_clip, dtype=np.int64)
+    sim = np.asarray(text_emb, dtype=np.float64) @ np.asarray(audio_emb, dtype=np.float64).T  # [T, A]
+    n_text, n_audio = sim.shape
+    rel_t2a = np.zeros_like(sim, dtype=bool)
+    rel_t2a[np.arange(n_text), text_clip] = True
+    t2a_rank = _pessimistic_ranks(sim, rel_t2a)[np.arange(n_text), text_clip]
+
+    sim_a = sim.T  # [A, T]
+    queries = np.unique(text_clip)
+    rel_a2t = text_clip[None, :] == queries[:, None]
+    ranks_a2t = _pessimistic_ranks(sim_a[queries], rel_a2t)
+    per_query = [ranks_a2t[i][rel_a2t[i]] for i in range(len(queries))]
+    best = np.array([r.min() for r in per_query])
+
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"t2a_R@{k}"] = float(100 * np.mean(t2a_rank <= k))
+        out[f"a2t_R@{k}"] = float(100 * np.mean(best <= k))
+    out[f"t2a_mAP@{map_at}"] = float(100 * _ap_at([np.array([r]) for r in t2a_rank], map_at).mean())
+    out[f"a2t_mAP@{map_at}"] = float(100 * _ap_at(per_query, map_at).mean())
+    out["n_texts"] = float(n_text)
+    out["n_clips"] = float(n_audio)
+    return out
