@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cacara.params import load_params
+from cacara.params import REPO_ROOT, load_params
 
 log = logging.getLogger("cacara")
 
@@ -47,8 +48,63 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from components.validate import validate
 
     result = validate(args.dataset, args.reports, _params(args))
-    print(result.summary() if hasattr(result, "summary") else result)
+    print(result.summary())
     return 0
+
+
+def cmd_embed_captions(args: argparse.Namespace) -> int:
+    from components.embed_text import embed_text
+
+    print(embed_text(args.dataset, args.out, _params(args)).summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from components.train import train
+
+    result = train(args.dataset, args.text_emb, args.out, _params(args), text_encoder=args.text_encoder,
+                   max_epochs_this_run=args.max_epochs_this_run)
+    print(result.summary())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from components.evaluate import evaluate
+
+    result = evaluate(args.dataset, args.text_emb, args.model, args.english_only_model, args.out, _params(args))
+    print(result.table(metric=_params(args)["evaluate"]["plot_metric"]))
+    return 0
+
+
+def _default_model() -> str:
+    """The model the last ``make run`` trained, wherever the command is run from."""
+    return os.environ.get("CACARA_MODEL") or str(REPO_ROOT / "work" / "train" / "model")
+
+
+def cmd_embed_audio(args: argparse.Namespace) -> int:
+    from cacara.embed import embed_audio_files
+
+    emb = embed_audio_files(args.model or _default_model(), args.files)
+    _save_npy(args.out, emb)
+    return 0
+
+
+def cmd_embed_text(args: argparse.Namespace) -> int:
+    from cacara.embed import embed_texts, read_text_lines
+
+    texts = read_text_lines(args.file) if args.file else list(args.texts)
+    if not texts:
+        raise ValueError("no texts given: pass TEXT arguments or --file TEXTS.txt")
+    _save_npy(args.out, embed_texts(args.model or _default_model(), texts))
+    return 0
+
+
+def _save_npy(path: str, array) -> None:
+    import numpy as np
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+    log.info("wrote %s %s", path, array.shape)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -62,6 +118,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "source dataset -> canonical 16 kHz dataset + quarantine report"),
     "validate": (cmd_validate, "Great Expectations suite over the canonical dataset"),
+    "embed-captions": (cmd_embed_captions, "embed_text step: cache every caption's embedding per frozen tower"),
+    "train": (cmd_train, "train the audio branch on English captions"),
+    "evaluate": (cmd_evaluate, "multilingual retrieval metrics for every system"),
+    "embed-audio": (cmd_embed_audio, "audio files -> (N, D) float32 .npy of L2-normalised embeddings"),
+    "embed-text": (cmd_embed_text, "texts (any language) -> (N, D) float32 .npy in the same space"),
     "summary": (cmd_summary, "print the results of the last run"),
 }
 
@@ -87,6 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate")
     p.add_argument("--dataset", default="work/dataset")
     p.add_argument("--reports", default="reports/validation")
+    p = add("embed-captions")
+    p.add_argument("--dataset", default="work/dataset")
+    p.add_argument("--out", default="work/text_emb")
+    p = add("train")
+    p.add_argument("--dataset", default="work/dataset")
+    p.add_argument("--text-emb", default="work/text_emb")
+    p.add_argument("--out", default="work/train")
+    p.add_argument("--text-encoder", default=None, help="frozen tower (default: params model.text_encoder)")
+    p.add_argument("--max-epochs-this-run", type=int, default=None,
+                   help="stop after this many epochs with a checkpoint; the next run resumes")
+    p = add("evaluate")
+    p.add_argument("--dataset", default="work/dataset")
+    p.add_argument("--text-emb", default="work/text_emb")
+    p.add_argument("--model", default="work/train/model")
+    p.add_argument("--english-only-model", default="work/train_en/model")
+    p.add_argument("--out", default="reports/evaluate")
+    p = add("embed-audio")
+    p.add_argument("--model", default=None, help="model folder (default: the last `make run`'s)")
+    p.add_argument("--out", required=True, help="output .npy, shape (N, D)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = add("embed-text")
+    p.add_argument("--model", default=None, help="model folder (default: the last `make run`'s)")
+    p.add_argument("--out", required=True, help="output .npy, shape (N, D)")
+    p.add_argument("--file", default=None, help="UTF-8 file, one text per line")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
     p = add("summary")
     p.add_argument("--work", default=".", help="project folder holding work/ and reports/")
     return parser
@@ -96,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("great_expectations", "matplotlib", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:

@@ -39,7 +39,7 @@ def validation_lines(report: Path) -> list[str]:
     lines = [f"validation: {'PASSED' if data.get('success') else 'FAILED'}, "
              f"{len(exps) - len(failed)}/{len(exps)} expectations met"]
     for e in failed:
-        lines.append(f"  {e.get('severity', '?')}: {e.get('name')} -> {', '.join(map(str, e.get('offending', [])[:10]))}")
+        lines.append(f"  {e.get('severity', '?')}: {e.get('name')} -> {', '.join(map(str, e.get('offending_ids', [])[:10]))}")
     return lines
 
 

@@ -26,9 +26,11 @@ class EmbedTextResult:
 
 def class_prompts(params: dict[str, Any]) -> list[str]:
     """AudioSet class names as the text tower sees them (used by the text-centric initialisation)."""
-    from model.audio_encoders import class_names_for
+    from model.audio_encoders import build_audio_encoder
 
-    names = class_names_for(params["model"]["audio_encoder"])
+    if params["model"]["init"] != "text_centric":
+        return []
+    names = build_audio_encoder(params["model"]["audio_encoder"]).class_names
     return [params["model"]["class_prompt"].format(n) for n in names] if names else []
 
 

@@ -78,7 +78,7 @@ class TextEmbeddingCache:
         except KeyError:
             missing = self.missing(texts)
             raise KeyError(f"{len(missing)} texts not embedded by {self.encoder_name} "
-                           f"(run `cacara embed-text-cache`), e.g. {missing[:3]}") from None
+                           f"(run the embed_text step: `cacara embed-captions`), e.g. {missing[:3]}") from None
         return self._emb[rows] if rows else np.zeros((0, self.dim), dtype=np.float32)
 
     def save(self) -> Path:

@@ -1,0 +1,192 @@
+"""Step 5, evaluate: multilingual retrieval on the test split for every system, with the same code.
+
+Systems: chance (random embeddings), the untrained text-centric model, the trained model, and the
+same training with an English-only text tower. Captions in every language of the test split are
+queries, although training saw English only: that is the claim under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cacara.data import ClipAudio
+from cacara.manifest import Clip, read_manifest
+from model.cacara_model import CacaraModel, build_model, embed_waveforms, load_model
+from model.metrics import retrieval_metrics
+from model.text_cache import TextEmbeddingCache
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("chance", "untrained", "trained", "trained_english_only")
+HEADLINE = ("t2a_R@1", "t2a_R@5", "t2a_R@10", "t2a_mAP@10", "a2t_R@1", "a2t_R@5", "a2t_R@10", "a2t_mAP@10")
+
+
+@dataclass
+class EvaluateResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    summary_metrics: dict[str, Any]
+
+    def table(self, languages: list[str] | None = None, metric: str = "t2a_R@1") -> str:
+        """Language x system table of one metric (what `make run` prints)."""
+        by = {(r["system"], r["language"]): r for r in self.rows}
+        langs = languages or sorted({r["language"] for r in self.rows})
+        header = f"{'lang':<12}" + "".join(f"{s:>22}" for s in SYSTEMS)
+        lines = [f"{metric} per language (test split)", header]
+        for lang in langs:
+            cells = [by.get((s, lang), {}).get(metric) for s in SYSTEMS]
+            lines.append(f"{lang:<12}" + "".join(f"{c:>22.1f}" if c is not None else f"{'-':>22}" for c in cells))
+        return "\n".join(lines)
+
+
+def language_queries(clips: list[Clip], language: str) -> tuple[list[str], list[int]]:
+    """Captions in ``language`` and the index (in ``clips``) of the clip each describes."""
+    texts, owners = [], []
+    for i, clip in enumerate(clips):
+        for t in clip.captions_in(language):
+            texts.append(t)
+            owners.append(i)
+    return texts, owners
+
+
+def chance_metrics(n_texts_owners: list[int], n_clips: int, dim: int, draws: int, seed: int) -> dict[str, float]:
+    """Random unit vectors through the same metric code, averaged over draws."""
+    rng = np.random.default_rng(seed)
+    acc: dict[str, float] = {}
+    for _ in range(draws):
+        t = rng.standard_normal((len(n_texts_owners), dim))
+        a = rng.standard_normal((n_clips, dim))
+        m = retrieval_metrics(t / np.linalg.norm(t, axis=1, keepdims=True), a / np.linalg.norm(a, axis=1, keepdims=True),
+                              n_texts_owners)
+        for k, v in m.items():
+            acc[k] = acc.get(k, 0.0) + v / draws
+    return acc
+
+
+def _system_rows(name: str, audio_emb: np.ndarray, cache: TextEmbeddingCache, clips: list[Clip],
+                 languages: list[str], supported: set[str] | None) -> list[dict[str, Any]]:
+    rows = []
+    for lang in languages:
+        texts, owners = language_queries(clips, lang)
+        m = retrieval_metrics(cache.get(texts), audio_emb, owners)
+        rows.append({"system": name, "language": lang, "text_encoder": cache.encoder_name,
+                     "supported": None if supported is None else lang.split("-")[0] in supported, **m})
+    return rows
+
+
+def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str | Path,
+             english_only_model_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> EvaluateResult:
+    """Score every system on every test-split language; write metrics.json, a CSV table and a plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = params["evaluate"]
+    clips = [c for c in read_manifest(dataset_dir) if c.split == "test"]
+    if not clips:
+        raise ValueError("the test split is empty")
+    languages = sorted({lang for c in clips for lang in c.captions})
+    waves = list(ClipAudio(dataset_dir, clips, int(params["audio"]["sample_rate"])))
+
+    main_cache = TextEmbeddingCache(text_emb_dir, params["model"]["text_encoder"])
+    rows: list[dict[str, Any]] = []
+    for lang in languages:
+        _, owners = language_queries(clips, lang)
+        rows.append({"system": "chance", "language": lang, "text_encoder": "-", "supported": None,
+                     **chance_metrics(owners, len(clips), main_cache.dim, int(ev["chance_draws"]),
+                                      int(ev["chance_seed"]))})
+
+    systems: list[tuple[str, CacaraModel, TextEmbeddingCache]] = [
+        ("untrained", build_model(params, params["model"]["text_encoder"], main_cache), main_cache),
+        ("trained", load_model(model_dir), main_cache)]
+    en_model = load_model(english_only_model_dir)
+    systems.append(("trained_english_only", en_model,
+                    TextEmbeddingCache(text_emb_dir, en_model.config["text_encoder"])))
+    for name, model, cache in systems:
+        if model.config["text_encoder"] != cache.encoder_name:
+            raise ValueError(f"{name}: model was trained against {model.config['text_encoder']}, "
+                             f"not {cache.encoder_name}")
+        log.info("evaluating %s on %d clips, %d languages", name, len(clips), len(languages))
+        emb = embed_waveforms(model, waves)
+        rows += _system_rows(name, emb, cache, clips, languages, _languages_of(cache.encoder_name))
+
+    summary = _summarise(rows, params["ingest"]["training_language"])
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    _write_csv(out / "per_language.csv", rows)
+    _plot(rows, out / "r1_per_language.png", ev["plot_metric"])
+    result = EvaluateResult(out, rows, summary)
+    (out / "table.txt").write_text(result.table(metric=ev["plot_metric"]) + "\n")
+    return result
+
+
+def _languages_of(encoder_name: str) -> set[str] | None:
+    try:
+        from model.text_encoders import declared_languages
+
+        langs = declared_languages(encoder_name)
+    except (ImportError, ValueError):
+        return None
+    return {lang.split("-")[0] for lang in langs} if langs else None
+
+
+def _summarise(rows: list[dict[str, Any]], training_language: str) -> dict[str, Any]:
+    """DVC metrics: per system the training language, the mean over all other languages, and counts."""
+    out: dict[str, Any] = {}
+    for system in SYSTEMS:
+        mine = [r for r in rows if r["system"] == system]
+        en = next((r for r in mine if r["language"] == training_language), None)
+        others = [r for r in mine if r["language"] != training_language]
+        out[system] = {
+            training_language: {k: round(en[k], 3) for k in HEADLINE} if en else None,
+            "mean_other_languages": {k: round(float(np.mean([r[k] for r in others])), 3) for k in HEADLINE}
+            if others else None,
+            "languages": len(mine)}
+    t, e = out["trained"], out["trained_english_only"]
+    trained_by = {r["language"]: r for r in rows if r["system"] == "trained"}
+    en_by = {r["language"]: r for r in rows if r["system"] == "trained_english_only"}
+    other = [lang for lang in trained_by if lang != training_language]
+    out["checks"] = {
+        "trained_beats_untrained_en_t2a_R@1": bool(t[training_language]["t2a_R@1"] > out["untrained"][training_language]["t2a_R@1"]),
+        "languages_where_multilingual_beats_english_only_t2a_R@1":
+            sum(trained_by[l]["t2a_R@1"] > en_by[l]["t2a_R@1"] for l in other),
+        "other_languages": len(other),
+    }
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = ["system", "language", "text_encoder", "supported", *HEADLINE, "n_texts", "n_clips"]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in keys})
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = sorted({r["language"] for r in rows},
+                   key=lambda l: -next((r[metric] for r in rows if r["system"] == "trained" and r["language"] == l), 0))
+    by = {(r["system"], r["language"]): r[metric] for r in rows}
+    x = np.arange(len(langs))
+    width = 0.2
+    fig, ax = plt.subplots(figsize=(max(10, 0.32 * len(langs) * 1.5), 5))
+    for i, system in enumerate(SYSTEMS):
+        ax.bar(x + (i - 1.5) * width, [by.get((system, l), 0) for l in langs], width, label=system)
+    ax.set_xticks(x, langs, rotation=90, fontsize=7)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} per caption language, test split (training used English only)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

