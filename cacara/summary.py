@@ -43,9 +43,53 @@ def validation_lines(report: Path) -> list[str]:
     return lines
 
 
+def training_lines(work: Path) -> list[str]:
+    lines = []
+    for name, folder in (("train", "train"), ("train (English-only tower)", "train_en")):
+        config = _load(work / folder / "model" / "config.json")
+        if config is None:
+            lines.append(f"{name}: no model yet")
+            continue
+        val = config.get("val", {})
+        lines.append(f"{name}: {config['text_encoder']}, selected epoch {config.get('epoch')} "
+                     f"(val en t2a R@1 {val.get('t2a_R@1', float('nan')):.1f}, a2t R@1 {val.get('a2t_R@1', float('nan')):.1f})")
+    return lines
+
+
+def evaluation_lines(report_dir: Path, params: dict[str, Any]) -> list[str]:
+    metrics = _load(report_dir / "metrics.json")
+    table = report_dir / "table.txt"
+    if metrics is None or not table.exists():
+        return [f"evaluation: no report yet ({report_dir})"]
+    lang = params["ingest"]["training_language"]
+    lines = [table.read_text(encoding="utf-8").rstrip(), "",
+             f"{'system':<22}{'en t2a R@1/R@5/R@10 mAP@10':>32}{'en a2t R@1/R@5/R@10':>24}{'other langs t2a R@1':>22}"]
+    for system, m in metrics.items():
+        if system == "checks" or not m.get(lang):
+            continue
+        e, o = m[lang], m.get("mean_other_languages") or {}
+        lines.append(f"{system:<22}{e['t2a_R@1']:>10.1f}{e['t2a_R@5']:>6.1f}{e['t2a_R@10']:>6.1f}{e['t2a_mAP@10']:>10.1f}"
+                     f"{e['a2t_R@1']:>12.1f}{e['a2t_R@5']:>6.1f}{e['a2t_R@10']:>6.1f}{o.get('t2a_R@1', float('nan')):>22.1f}")
+    c = metrics.get("checks", {})
+    if c:
+        lines.append(f"checks (t2a R@1, languages with >= {params['evaluate']['min_captions']} test captions):")
+        lines.append(f"  trained beats untrained on English: {c.get('trained_beats_untrained_en_t2a_R@1')}")
+        lines.append(f"  multilingual beats the English-only tower in {c.get('known_languages_where_multilingual_beats_english_only_t2a_R@1')}"
+                     f"/{c.get('other_languages_known_to_tower')} other languages the tower knows"
+                     f" (not beaten: {', '.join(c.get('known_languages_where_english_only_is_not_beaten', [])) or 'none'})")
+        unknown = c.get("languages_unknown_to_tower", [])
+        if unknown:
+            lines.append(f"  and in {c.get('unknown_languages_where_multilingual_beats_english_only_t2a_R@1')}/{len(unknown)}"
+                         f" languages it does not claim ({', '.join(unknown)})")
+    lines.append(f"plot: {report_dir / 'r1_per_language.png'}")
+    return lines
+
+
 def print_summary(root: Path, params: dict[str, Any]) -> None:
     work = root / params["data"]["work_dir"]
     lines = ["", "=== CACARA run summary ==="]
     lines += dataset_lines(work / "dataset")
     lines += validation_lines(root / "reports" / "validation" / "validation.json")
+    lines += training_lines(work)
+    lines += [""] + evaluation_lines(root / "reports" / "evaluate", params)
     print("\n".join(lines))

@@ -209,7 +209,8 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     val_audio = [w for w in ClipAudio(dataset_dir, val_clips, sr)]
 
     model = build_model(params, text_encoder, cache).to(dd.device)
-    head_params, backbone_params = set_trainable(model, p["trainable"], int(p["last_blocks"]))
+    head_params, backbone_params = set_trainable(model, p["trainable"], int(p["last_blocks"]),
+                                               bool(p["train_class_vectors"]))
     loss_fn = ContrastiveLoss(float(p["init_temperature"]), float(p["max_logit_scale"])).to(dd.device)
     opt = torch.optim.AdamW([
         {"params": head_params, "lr": float(p["lr_head"]), "weight_decay": float(p["weight_decay"])},

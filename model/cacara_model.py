@@ -114,11 +114,14 @@ def build_model(params: dict[str, Any], text_encoder: str, text_cache) -> Cacara
     return CacaraModel(encoder, head, config)
 
 
-def set_trainable(model: CacaraModel, mode: str, last_blocks: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def set_trainable(model: CacaraModel, mode: str, last_blocks: int, class_vectors: bool = True
+                  ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Freeze per ``train.trainable`` and return (head parameters, trainable backbone parameters).
 
     The encoder's own classifier is not on the embedding path (the head holds a trainable copy), so
-    "last N blocks" counts feature blocks only.
+    "last N blocks" counts feature blocks only. ``class_vectors=False`` keeps the text-centric head's
+    class-name vectors fixed: outputs then stay in the span of what the frozen tower said about the
+    521 classes, which is what carries over to languages never seen in training.
     """
     groups = [g for g in model.encoder.block_groups() if g.name != "classifier"]
     n = {"projection": 0, "last_blocks": int(last_blocks), "all": len(groups)}.get(mode)
@@ -131,9 +134,10 @@ def set_trainable(model: CacaraModel, mode: str, last_blocks: int) -> tuple[list
     backbone = [p for g in groups[len(groups) - n:] for p in g.parameters]
     for p in backbone:
         p.requires_grad_(True)
-    head = list(model.head.parameters())
-    for p in head:
-        p.requires_grad_(True)
+    fixed = {id(model.head.to_text.weight)} if isinstance(model.head, TextCentricHead) and not class_vectors else set()
+    head = [p for p in model.head.parameters() if id(p) not in fixed]
+    for p in model.head.parameters():
+        p.requires_grad_(id(p) not in fixed)
     log.info("training %s: %d backbone blocks (%d params) + head (%d params)", mode, n,
              sum(p.numel() for p in backbone), sum(p.numel() for p in head))
     return head, backbone

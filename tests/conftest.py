@@ -34,3 +34,54 @@ def params():
     from cacara.params import load_params
 
     return load_params()
+
+
+DEMO = REPO / "data"
+
+
+def demo_subset(dest: Path, per_split: dict[str, int], languages: tuple[str, ...] = ("en", "fr", "de", "es")) -> Path:
+    """A small canonical dataset cut from the real demo corpus (restored by `dvc pull`).
+
+    Splits are reassigned so a handful of clips gives train, val and test; captions are limited to a
+    few languages to keep text embedding quick.
+    """
+    import json
+    import shutil
+
+    from cacara.manifest import read_manifest, write_manifest
+
+    if not (DEMO / "manifest.jsonl").exists():
+        raise RuntimeError("the demo corpus is missing: run `make test` (it runs `dvc pull`) first")
+    clips = read_manifest(DEMO)
+    chosen = []
+    i = 0
+    for split, n in per_split.items():
+        for clip in clips[i:i + n]:
+            clip.split = split
+            clip.captions = {k: v for k, v in clip.captions.items() if k in languages}
+            chosen.append(clip)
+        i += n
+    (dest / "audio").mkdir(parents=True, exist_ok=True)
+    for clip in chosen:
+        shutil.copyfile(DEMO / clip.audio_path, dest / clip.audio_path)
+    write_manifest(chosen, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(dataset, text embedding cache, params) for quick train/evaluate tests on real clips.
+
+    use-multilingual is the text tower here because it loads in well under a second.
+    """
+    from cacara.params import load_params
+    from components.embed_text import embed_text
+
+    root = tmp_path_factory.mktemp("tiny")
+    dataset = demo_subset(root / "dataset", {"train": 8, "val": 4, "test": 4})
+    params = load_params(overrides={"model.text_encoder": "use-multilingual", "train.epochs": 3,
+                                    "train.batch_size": 4, "train.warmup_epochs": 1,
+                                    "evaluate.english_only_text_encoder": "minilm-en",
+                                    "evaluate.chance_draws": 2, "evaluate.min_captions": 1})
+    embed_text(dataset, root / "text_emb", params)
+    return dataset, root / "text_emb", params

@@ -1,0 +1,84 @@
+"""Compare training settings on the VALIDATION split, all languages, side by side in one run.
+
+Used to choose the defaults in params.yaml without looking at the test split. Writes a table to
+benchmarks/results/sweep_training.md.
+
+    .venv/bin/python benchmarks/sweep_training.py --set train.epochs=15 \
+        --config "last2:train.trainable=last_blocks" --config "proj:train.trainable=projection"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cacara.data import ClipAudio  # noqa: E402
+from cacara.manifest import read_manifest  # noqa: E402
+from cacara.params import load_params  # noqa: E402
+from components.evaluate import language_queries  # noqa: E402
+from components.train import train  # noqa: E402
+from model.cacara_model import build_model, embed_waveforms, load_model  # noqa: E402
+from model.metrics import retrieval_metrics  # noqa: E402
+from model.text_cache import TextEmbeddingCache  # noqa: E402
+
+
+def _kv(items: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, _, v in (i.partition("=") for i in items if i)}
+
+
+def val_scores(model, params, dataset: Path, text_emb: Path, encoder: str) -> dict[str, float]:
+    clips = [c for c in read_manifest(dataset) if c.split == "val"]
+    emb = embed_waveforms(model, list(ClipAudio(dataset, clips, params["audio"]["sample_rate"])))
+    cache = TextEmbeddingCache(text_emb, encoder)
+    per_lang = {}
+    for lang in sorted({l for c in clips for l in c.captions}):
+        texts, owners = language_queries(clips, lang)
+        if len(texts) >= params["evaluate"]["min_captions"]:
+            per_lang[lang] = retrieval_metrics(cache.get(texts), emb, owners)["t2a_R@1"]
+    others = [v for k, v in per_lang.items() if k != "en"]
+    return {"en": per_lang["en"], "mean_other": float(np.mean(others)), "n_lang": len(per_lang)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--set", action="append", default=[], help="override applied to every config")
+    ap.add_argument("--config", action="append", default=[], help="NAME:key=value,key=value")
+    ap.add_argument("--dataset", default=str(REPO / "work" / "dataset"))
+    ap.add_argument("--text-emb", default=str(REPO / "work" / "text_emb"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sweep_training.md"))
+    args = ap.parse_args()
+    rows = []
+    base = _kv(args.set)
+    params0 = load_params(overrides=base)
+    enc = params0["model"]["text_encoder"]
+    untrained = build_model(params0, enc, TextEmbeddingCache(args.text_emb, enc))
+    rows.append(("untrained", "", val_scores(untrained, params0, Path(args.dataset), Path(args.text_emb), enc)))
+    for spec in args.config:
+        name, _, kvs = spec.partition(":")
+        params = load_params(overrides={**base, **_kv(kvs.split(","))})
+        enc = params["model"]["text_encoder"]
+        with tempfile.TemporaryDirectory() as tmp:
+            res = train(args.dataset, args.text_emb, tmp, params)
+            model = load_model(Path(tmp) / "model")
+            rows.append((name, kvs, dict(val_scores(model, params, Path(args.dataset), Path(args.text_emb), enc),
+                                         best_epoch=res.best_epoch)))
+        print(rows[-1], flush=True)
+    lines = ["| config | overrides | val en t2a R@1 | val mean other languages t2a R@1 | languages | best epoch |",
+             "|---|---|---|---|---|---|"]
+    for name, kvs, s in rows:
+        lines.append(f"| {name} | {kvs} | {s['en']:.1f} | {s['mean_other']:.1f} | {s['n_lang']} | {s.get('best_epoch', '-')} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(f"Common overrides: {args.set}\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""evaluate writes every system's per-language metrics; the CLI embedding contract holds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from components.evaluate import SYSTEMS, evaluate
+from components.train import train
+from tests.conftest import REPO, write_tone
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    dataset, text_emb, params = tiny_corpus
+    root = tmp_path_factory.mktemp("runs")
+    p = {**params, "train": {**params["train"], "epochs": 1}}
+    train(dataset, text_emb, root / "multi", p)
+    train(dataset, text_emb, root / "en", p, text_encoder="minilm-en")
+    return root / "multi" / "model", root / "en" / "model"
+
+
+def test_evaluate_reports_every_system_and_language(tiny_corpus, trained, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    result = evaluate(dataset, text_emb, trained[0], trained[1], tmp_path / "ev", params)
+    languages = {"en", "fr", "de", "es"}
+    assert {(r["system"], r["language"]) for r in result.rows} == {(s, l) for s in SYSTEMS for l in languages}
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(SYSTEMS) <= set(metrics) and metrics["trained"]["en"]["t2a_R@1"] >= 0
+    with open(tmp_path / "ev" / "per_language.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(SYSTEMS) * len(languages)
+    assert (tmp_path / "ev" / "r1_per_language.png").read_bytes()[:4] == b"\x89PNG"
+    # chance with 4 clips: R@1 about 25 %, never 0 or 100 on average
+    chance = [r for r in result.rows if r["system"] == "chance"]
+    assert all(5 < r["t2a_R@1"] < 60 for r in chance)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cacara.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_embed_audio_contract_any_format_rate_and_channels(trained, tmp_path):
+    model = str(trained[0])
+    mono16 = write_tone(tmp_path / "a.wav", 1.0, 16000, freq=440)
+    stereo48 = write_tone(tmp_path / "b.flac", 1.0, 48000, channels=2, freq=440)
+    ogg = REPO / "tests" / "fixtures" / "audio" / "dog.ogg"
+    out = tmp_path / "emb.npy"
+    proc = _cli("embed-audio", "--model", model, "--out", str(out), str(mono16), str(stereo48), str(ogg), str(mono16))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb = np.load(out)
+    assert emb.dtype == np.float32 and emb.shape == (4, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(emb[0], emb[3]), "same file, same embedding"
+    assert float(emb[0] @ emb[1]) > 0.95, "the same tone at 48 kHz stereo lands where it does at 16 kHz mono"
+
+
+def test_embed_text_contract(trained, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("A dog barks.\nUn chien aboie.\n犬が吠える。\n", encoding="utf-8")
+    out = tmp_path / "t.npy"
+    proc = _cli("embed-text", "--model", str(trained[0]), "--out", str(out), "--file", str(texts))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb = np.load(out)
+    assert emb.shape == (3, 512) and emb.dtype == np.float32
+    proc = _cli("embed-text", "--model", str(trained[0]), "--out", str(tmp_path / "u.npy"), "A dog barks.")
+    assert proc.returncode == 0
+    np.testing.assert_allclose(np.load(tmp_path / "u.npy")[0], emb[0], atol=1e-6)
+
+
+def test_cli_bad_inputs_fail_clearly(trained, tmp_path):
+    corrupt = tmp_path / "bad.wav"
+    corrupt.write_bytes(b"not audio at all" * 100)
+    proc = _cli("embed-audio", "--model", str(trained[0]), "--out", str(tmp_path / "x.npy"), str(corrupt))
+    assert proc.returncode != 0 and "undecodable" in proc.stderr and "bad.wav" in proc.stderr
+    assert not (tmp_path / "x.npy").exists()
+    proc = _cli("embed-audio", "--model", str(trained[0]), "--out", str(tmp_path / "x.npy"), str(tmp_path / "nope.wav"))
+    assert proc.returncode != 0 and "nope.wav" in proc.stderr
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 noise\n".encode("latin-1"))
+    proc = _cli("embed-text", "--model", str(trained[0]), "--out", str(tmp_path / "y.npy"), "--file", str(latin1))
+    assert proc.returncode != 0 and "UTF-8" in proc.stderr
+    proc = _cli("embed-audio", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "z.npy"), str(corrupt))
+    assert proc.returncode != 0 and "not a CACARA model folder" in proc.stderr

@@ -1,0 +1,100 @@
+"""train: learns, resumes exactly after an interruption, refuses a corrupt checkpoint, runs under DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.train import train
+from model.cacara_model import load_model
+from tests.conftest import REPO
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / "last.safetensors"))
+
+
+def test_train_writes_model_history_and_checkpoint(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    result = train(dataset, text_emb, tmp_path / "run", params)
+    assert result.epochs_run == 3 and [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    assert all(h["train_loss"] > 0 for h in result.history[1:])
+    model = load_model(tmp_path / "run" / "model")
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["text_encoder"] == "use-multilingual" and config["epoch"] == result.best_epoch
+    assert model.config["out_dim"] == 512
+    header = (tmp_path / "run" / "history.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,train_loss,temperature")
+
+
+def test_training_moves_the_weights_it_should_and_only_those(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    p = {**params, "train": {**params["train"], "trainable": "projection", "epochs": 1}}
+    train(dataset, text_emb, tmp_path / "run", p)
+    from model.cacara_model import build_model
+    from model.text_cache import TextEmbeddingCache
+
+    init = build_model(p, "use-multilingual", TextEmbeddingCache(text_emb, "use-multilingual")).state_dict()
+    after = {k[len("model."):]: v for k, v in _weights(tmp_path / "run").items() if k.startswith("model.")}
+    changed = {k for k in init if not torch.equal(init[k], after[k])}
+    assert changed and all(k.startswith("head.") for k in changed)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    straight = train(dataset, text_emb, tmp_path / "straight", params)
+    first = train(dataset, text_emb, tmp_path / "resumed", params, max_epochs_this_run=1)
+    assert first.epochs_run == 1
+    second = train(dataset, text_emb, tmp_path / "resumed", params)
+    assert second.resumed_from == 1 and second.epochs_run == 2
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    assert [h["val_score"] for h in straight.history] == [h["val_score"] for h in second.history]
+
+
+def test_changed_settings_start_afresh_instead_of_resuming(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    train(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)
+    other = {**params, "train": {**params["train"], "lr_head": 0.0005}}
+    assert train(dataset, text_emb, tmp_path / "run", other, max_epochs_this_run=1).resumed_from is None
+
+
+def test_corrupt_checkpoint_is_refused(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    train(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-10] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="corrupt"):
+        train(dataset, text_emb, tmp_path / "run", params)
+
+
+def test_missing_caption_embeddings_fail_before_training(tiny_corpus, tmp_path):
+    dataset, _, params = tiny_corpus
+    with pytest.raises(KeyError, match="embed"):
+        train(dataset, tmp_path / "empty_cache", tmp_path / "run", params)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(tiny_corpus, tmp_path):
+    """torchrun with 2 processes on the gloo backend: the multi-GPU path, exercised on CPU."""
+    dataset, text_emb, _ = tiny_corpus
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "cacara.cli", "train", "--dataset", str(dataset), "--text-emb", str(text_emb),
+           "--out", str(tmp_path / "ddp"), "--set", "model.text_encoder=use-multilingual",
+           "--set", "train.epochs=2", "--set", "train.batch_size=2", "--set", "train.warmup_epochs=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = (tmp_path / "ddp" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3  # header + epochs 0..2, written once (by rank 0)
+    assert load_model(tmp_path / "ddp" / "model").config["text_encoder"] == "use-multilingual"
