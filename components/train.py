@@ -302,6 +302,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
                      loss_fn.temperature, p["select_metric"], history[-1]["val_score"])
         ran += 1
     if dd.main:
+        _write_history(out / HISTORY, history)
         # The selected model is published from the checkpoint folder, so a resumed (or already
         # finished) run still produces it after dvc has removed the previous output.
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)

@@ -98,3 +98,17 @@ def test_ddp_two_cpu_processes_with_gloo(tiny_corpus, tmp_path):
     history = (tmp_path / "ddp" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3  # header + epochs 0..2, written once (by rank 0)
     assert load_model(tmp_path / "ddp" / "model").config["text_encoder"] == "use-multilingual"
+
+
+def test_rerun_of_a_finished_run_republishes_its_outputs(tiny_corpus, tmp_path):
+    """dvc deletes non-persistent outputs before rerunning a stage: a finished run must restore them."""
+    import shutil
+
+    dataset, text_emb, params = tiny_corpus
+    first = train(dataset, text_emb, tmp_path / "run", params)
+    shutil.rmtree(tmp_path / "run" / "model")
+    (tmp_path / "run" / "history.csv").unlink()
+    again = train(dataset, text_emb, tmp_path / "run", params)
+    assert again.epochs_run == 0 and again.best_epoch == first.best_epoch
+    assert load_model(tmp_path / "run" / "model") is not None
+    assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 1 + len(first.history)
