@@ -54,6 +54,7 @@ from model.frontend import YamnetFrontend  # noqa: E402
 from model.sead_onnx import (  # noqa: E402
     FLOAT_EMBEDDING,
     FLOAT_INPUT,
+    QuantParams,
     dequantised_graph,
     load_graph,
     quant_params,
@@ -86,6 +87,7 @@ class Row:
     median_s: float
     clips_per_s: float
     max_abs_diff: float | None
+    reference: bool  # the PyTorch contender the others are compared with
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -100,7 +102,7 @@ def wait_for_quiet(max_load: float, poll_s: float, max_wait_s: float) -> float:
             logger.info("load average %.2f <= %.2f: starting", load, max_load)
             return load
         if time.monotonic() >= deadline:
-            logger.warning("load average still %.2f after %.0f s; measuring anyway (figures may be noisy)", load, max_wait_s)
+            logger.warning("load average still %.2f after %.0f s; measuring anyway (noisy figures)", load, max_wait_s)
             return load
         logger.info("load average %.2f > %.2f: another job is running, waiting %.0f s", load, max_load, poll_s)
         time.sleep(poll_s)
@@ -141,6 +143,10 @@ def ort_session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's pool threads spin after each run; interleaved with PyTorch on 2 cores they steal
+    # its CPU (measured: PyTorch 25 -> 72 ms per clip). Without spinning onnxruntime itself was no
+    # slower (22 -> 18 ms), so the comparison is fair to both.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -172,7 +178,7 @@ def rows_for(
         med = statistics.median(times[c.name])
         ref, out = outputs[reference], outputs[c.name]
         diff = float(np.max(np.abs(ref - out))) if ref.shape == out.shape and ref.dtype == out.dtype else None
-        rows.append(Row(section, batch, c.name, med, batch / med, diff))
+        rows.append(Row(section, batch, c.name, med, batch / med, diff, c.name == reference))
         logger.info("%-10s batch %2d  %-34s median %8.4f s  %7.2f clips/s", section, batch, c.name, med, batch / med)
     return rows
 
@@ -181,7 +187,11 @@ def rows_for(
 
 
 def model_contenders(
-    yamnet: Yamnet, float_sess: ort.InferenceSession, quant_sess: ort.InferenceSession, qp, patches: torch.Tensor
+    yamnet: Yamnet,
+    float_sess: ort.InferenceSession,
+    quant_sess: ort.InferenceSession,
+    qp: QuantParams,
+    patches: torch.Tensor,
 ) -> list[Contender]:
     """Patches [B*20, 1, 96, 64] -> per-patch outputs, three ways."""
     patches_np = patches.numpy()
@@ -196,7 +206,8 @@ def model_contenders(
         return float_sess.run([FLOAT_EMBEDDING], {FLOAT_INPUT: patches_np})[0]
 
     def ort_quant() -> np.ndarray:
-        return np.concatenate([quant_sess.run(None, {quant_name: quant_in[i : i + 1]})[0] for i in range(len(quant_in))])
+        outs = [quant_sess.run(None, {quant_name: quant_in[i : i + 1]})[0] for i in range(len(quant_in))]
+        return np.concatenate(outs)
 
     return [
         Contender("PyTorch float", torch_float),
@@ -240,7 +251,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str]) -> str:
+def render(rows: list[Row], meta: dict[str, str]) -> str:
     lines = [
         "# YAMNet inference speed: PyTorch vs onnxruntime (CPU)",
         "",
@@ -256,7 +267,8 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict[str, str]) -> s
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        torch_row = next(x for x in rows if x.section == r.section and x.batch == r.batch and x.name.startswith("PyTorch"))
+        same = [x for x in rows if x.section == r.section and x.batch == r.batch]
+        torch_row = next(x for x in same if x.reference)
         ratio = "" if r is torch_row else f"{torch_row.clips_per_s / r.clips_per_s:.2f}"
         diff = "n/a" if r.max_abs_diff is None else ("ref" if r is torch_row else f"{r.max_abs_diff:.1e}")
         lines.append(
@@ -281,7 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-wait", type=float, default=600.0, help="give up waiting for a quiet machine after this (s)")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="skip cacara.runtime.tune_allocator (what the CLI and service apply) to see its effect")
     args = ap.parse_args(argv)
+    if not args.default_allocator:
+        from cacara.runtime import tune_allocator
+
+        tune_allocator()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     torch.set_num_threads(args.threads)
@@ -321,10 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         "threads": f"{args.threads} (torch.set_num_threads and onnxruntime intra_op_num_threads; ort inter-op 1)",
         "repeats": f"{args.repeats} timed (median), {args.warmup} warm-up, contenders interleaved per repeat",
         "audio": source,
+        "allocator": "glibc defaults" if args.default_allocator else
+        "cacara.runtime.tune_allocator() (as the CLI applies it; affects both contenders)",
         "load average": f"{load_before:.2f} at start of measurement (waited for <= {args.max_load}: "
         f"{'no' if args.no_wait else 'yes'}); `uptime` before waiting: {uptime}",
     }
-    text = render(rows, args, meta)
+    text = render(rows, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(text)
