@@ -109,10 +109,10 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _code_fingerprint() -> str:
     """The training code itself: a checkpoint written by other code is not resumed."""
-    import model.audio_encoders, model.cacara_model, model.losses  # noqa: E401
+    import model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.yamnet  # noqa: E401
 
     digest = hashlib.sha256()
-    for mod in (model.audio_encoders, model.cacara_model, model.losses):
+    for mod in (model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.yamnet):
         digest.update(Path(mod.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
