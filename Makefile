@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
 
 # Offline by default: nothing may reach a model hub, and no tool phones home.
 export HF_HUB_OFFLINE := 1
@@ -19,9 +19,9 @@ help:
 	@echo "make run   - set up, restore the demo corpus (dvc pull), run the pipeline (dvc repro), print results"
 	@echo "make test  - set up, restore the demo corpus, run the test suite"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade-strategy only-if-needed -e '.[dev]'
+	$(BIN)/python -m pip install -c requirements.lock -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
