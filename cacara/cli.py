@@ -84,7 +84,8 @@ def _default_model() -> str:
 def cmd_embed_audio(args: argparse.Namespace) -> int:
     from cacara.embed import embed_audio_files
 
-    emb = embed_audio_files(args.model or _default_model(), args.files)
+    emb = embed_audio_files(args.model or _default_model(), args.files,
+                            max_bytes=int(_params(args)["audio"]["max_file_bytes"]))
     _save_npy(args.out, emb)
     return 0
 

@@ -88,5 +88,9 @@ def test_cli_bad_inputs_fail_clearly(trained, tmp_path):
     latin1.write_bytes("Caf\xe9 noise\n".encode("latin-1"))
     proc = _cli("embed-text", "--model", str(trained[0]), "--out", str(tmp_path / "y.npy"), "--file", str(latin1))
     assert proc.returncode != 0 and "UTF-8" in proc.stderr
+    big = write_tone(tmp_path / "big.wav", 2.0, 16000)
+    proc = _cli("embed-audio", "--model", str(trained[0]), "--set", "audio.max_file_bytes=10000",
+                "--out", str(tmp_path / "x.npy"), str(big))
+    assert proc.returncode != 0 and "too_large" in proc.stderr and "big.wav" in proc.stderr
     proc = _cli("embed-audio", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "z.npy"), str(corrupt))
     assert proc.returncode != 0 and "not a CACARA model folder" in proc.stderr
