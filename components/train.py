@@ -236,6 +236,11 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     elif last.exists():
         log.info("checkpoint in %s was trained under other settings: starting afresh", out / CKPT_DIR)
 
+    # L2-SP: pull the head toward its text-centric initialisation, which already sits in the frozen
+    # tower's multilingual space; plain fine-tuning on English drifts toward English-only directions.
+    anchor_weight = float(p["init_anchor"])
+    anchor = {n: q.detach().clone() for n, q in model.head.named_parameters()} if anchor_weight > 0 else {}
+
     ddp_model = model
     if dd.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -285,6 +290,8 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
             with _autocast(params, dd.device):
                 audio_emb = ddp_model(waves.to(dd.device), lengths.to(dd.device))
             loss = loss_fn(audio_emb.float(), target)
+            if anchor:
+                loss = loss + anchor_weight * sum(((q - anchor[n]) ** 2).sum() for n, q in model.head.named_parameters())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

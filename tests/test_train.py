@@ -112,3 +112,19 @@ def test_rerun_of_a_finished_run_republishes_its_outputs(tiny_corpus, tmp_path):
     assert again.epochs_run == 0 and again.best_epoch == first.best_epoch
     assert load_model(tmp_path / "run" / "model") is not None
     assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 1 + len(first.history)
+
+
+def test_init_anchor_keeps_the_head_near_its_initialisation(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+
+    def drift(anchor: float) -> float:
+        p = {**params, "train": {**params["train"], "trainable": "projection", "epochs": 2, "init_anchor": anchor}}
+        train(dataset, text_emb, tmp_path / f"a{anchor}", p)
+        from model.cacara_model import build_model
+        from model.text_cache import TextEmbeddingCache
+
+        init = build_model(p, "use-multilingual", TextEmbeddingCache(text_emb, "use-multilingual")).state_dict()
+        after = _weights(tmp_path / f"a{anchor}")
+        return sum(float(((after[f"model.{k}"] - v) ** 2).sum()) for k, v in init.items() if k.startswith("head."))
+
+    assert drift(1000.0) < drift(0.0)
