@@ -71,8 +71,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from components.evaluate import evaluate
 
-    result = evaluate(args.dataset, args.text_emb, args.model, args.english_only_model, args.out, _params(args))
-    print(result.table(metric=_params(args)["evaluate"]["plot_metric"]))
+    params = _params(args)
+    result = evaluate(args.dataset, args.text_emb, args.model, args.english_only_model, args.out, params)
+    print(result.table(metric=params["evaluate"]["plot_metric"]))
     return 0
 
 

@@ -28,7 +28,14 @@ class ClipAudio(Dataset):
         return len(self.clips)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        decoded = audio.decode(self.root / self.clips[i].audio_path, self.sample_rate)
+        path = self.root / self.clips[i].audio_path
+        try:
+            decoded = audio.decode(path, self.sample_rate)
+        except FileNotFoundError as exc:
+            raise audio.AudioError("missing_file", f"{path} (clip {self.clips[i].clip_id})") from exc
+        except audio.AudioError as exc:
+            # Name the clip: a bare "undecodable" an hour into training says nothing about which file.
+            raise audio.AudioError(exc.reason, f"{path} (clip {self.clips[i].clip_id}): {exc.detail}") from exc
         return torch.from_numpy(decoded.samples)
 
 

@@ -21,13 +21,10 @@ def _pessimistic_ranks(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
 
     ``scores`` [Q, N]; ``relevant`` [Q, N] boolean. Returns [Q, N] ranks (only meaningful where relevant).
     """
-    # For each (q, j): number of OTHER items scoring >= scores[q, j], plus one.
-    order = np.sort(scores, axis=1)[:, ::-1]
-    ge = np.empty_like(scores, dtype=np.int64)
-    for q in range(scores.shape[0]):
-        # count of items with score >= s, via searchsorted on the ascending copy
-        asc = order[q, ::-1]
-        ge[q] = scores.shape[1] - np.searchsorted(asc, scores[q], side="left")
+    # Rank of (q, j) = number of items in row q scoring >= scores[q, j] (itself included).
+    asc = np.sort(scores, axis=1)
+    ge = np.stack([scores.shape[1] - np.searchsorted(asc[q], scores[q], side="left")
+                   for q in range(scores.shape[0])])
     return np.where(relevant, ge, 0)
 
 

@@ -128,3 +128,18 @@ def test_init_anchor_keeps_the_head_near_its_initialisation(tiny_corpus, tmp_pat
         return sum(float(((after[f"model.{k}"] - v) ** 2).sum()) for k, v in init.items() if k.startswith("head."))
 
     assert drift(1000.0) < drift(0.0)
+
+
+def test_unreadable_training_audio_names_the_clip(tiny_corpus, tmp_path):
+    import shutil
+
+    from cacara.audio import AudioError
+    from cacara.manifest import read_manifest
+
+    dataset, text_emb, params = tiny_corpus
+    broken = tmp_path / "ds"
+    shutil.copytree(dataset, broken)
+    victim = next(c for c in read_manifest(broken) if c.split == "train")
+    (broken / victim.audio_path).write_bytes(b"not audio" * 50)
+    with pytest.raises(AudioError, match=victim.clip_id):
+        train(broken, text_emb, tmp_path / "run", params)
