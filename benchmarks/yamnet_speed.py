@@ -11,7 +11,10 @@ A batch is that many 10-s clips of real audio (the corpus in ``data/audio``, or 
 decoded to 16 kHz and tiled); each 10-s clip is 20 log-mel patches [1, 96, 64].
 
 (a) model only, patches -> per-patch embeddings:
-    * PyTorch float (``load_yamnet``, eval, ``torch.inference_mode``);
+    * PyTorch float (``load_yamnet``, eval, ``torch.inference_mode``: the fused CPU path of
+      ``model/yamnet_fused.py``);
+    * the same PyTorch model running its modules as written (``fused_inference=False``), to show
+      what the fused path buys;
     * onnxruntime on ``dequantised_graph`` (the export's float weights, flexible batch);
     * onnxruntime on the graph as shipped (uint8 Q/DQ, fixed to batch 1, so one patch per call; its
       only output is the uint8 class scores, it has no embedding output).
@@ -29,6 +32,7 @@ Nothing here asserts on timings.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import logging
 import os
@@ -193,14 +197,20 @@ def model_contenders(
     qp: QuantParams,
     patches: torch.Tensor,
 ) -> list[Contender]:
-    """Patches [B*20, 1, 96, 64] -> per-patch outputs, three ways."""
+    """Patches [B*20, 1, 96, 64] -> per-patch outputs, four ways."""
     patches_np = patches.numpy()
+    modules = copy.deepcopy(yamnet)
+    modules.fused_inference = False
     quant_in = quantise_input(patches_np, qp)
     quant_name = quant_sess.get_inputs()[0].name
 
     def torch_float() -> np.ndarray:
         with torch.inference_mode():
             return yamnet(patches)[0].numpy()
+
+    def torch_modules() -> np.ndarray:
+        with torch.inference_mode():
+            return modules(patches)[0].numpy()
 
     def ort_float() -> np.ndarray:
         return float_sess.run([FLOAT_EMBEDDING], {FLOAT_INPUT: patches_np})[0]
@@ -211,6 +221,7 @@ def model_contenders(
 
     return [
         Contender("PyTorch float", torch_float),
+        Contender("PyTorch float, modules as written (fused_inference=False)", torch_modules),
         Contender("onnxruntime float (dequantised)", ort_float),
         Contender("onnxruntime uint8 as shipped (1 patch/call)", ort_quant),
     ]

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from model import sead_onnx
+from model.yamnet_fused import FusedFeatures, fused_path_applies
 from model.weights_cache import (
     atomic_write_bytes,
     read_sidecar,
@@ -133,9 +134,14 @@ class Yamnet(nn.Module):
         num_classes: int = YAMNET_NUM_CLASSES,
         in_channels: int = YAMNET_PATCH_SHAPE[0],
         patch_chunk: int = YAMNET_PATCH_CHUNK,
+        fused_inference: bool = True,
     ):
         super().__init__()
         self.patch_chunk = patch_chunk
+        #: Without gradients on CPU, run the convolutions through ``model.yamnet_fused`` (same weights,
+        #: same arithmetic, no separate ReLU/pad passes); False runs the modules as written.
+        self.fused_inference = fused_inference
+        self._fused = FusedFeatures()
         blocks: list[nn.Module] = []
         channels = in_channels
         for spec in layers:
@@ -160,6 +166,10 @@ class Yamnet(nn.Module):
         return embedding, self.classifier(embedding)
 
     def _embed(self, patches: Tensor) -> Tensor:
+        if self.fused_inference and fused_path_applies(patches):
+            features = self._fused(self.conv_layers(), patches)
+            if features is not None:
+                return features.mean(dim=(-2, -1))
         # channels_last is what oneDNN's convolutions run fastest on (measured 56 -> 35 ms per clip).
         return self.features(patches.contiguous(memory_format=torch.channels_last)).mean(dim=(-2, -1))
 

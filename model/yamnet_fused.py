@@ -1,0 +1,171 @@
+"""CPU inference path for YAMNet's convolutions: oneDNN conv+ReLU fused, weights pre-packed.
+
+Why this exists: the trainable :class:`model.yamnet.Yamnet` runs each layer as ``nn.Conv2d`` then
+``relu`` (and, on stride-2 layers, an explicit asymmetric pad). At inference that costs three things
+onnxruntime does not pay: a separate ReLU pass over every activation, a copy of the activation for
+each pad, and a re-layout of every weight on every call. ``benchmarks/yamnet_speed.py`` measured
+PyTorch at 0.6-0.7x onnxruntime because of them. This module removes all three without changing a
+single weight or the arithmetic:
+
+* ReLU runs as a oneDNN post-op of the convolution (``torch.ops.mkldnn._convolution_pointwise``,
+  the kernel ``torch.compile``'s CPU backend emits for conv+ReLU).
+* TensorFlow 'SAME' padding at stride 2 on an even size pads 0 before and 1 after. The same output
+  comes from a kernel one tap larger whose leading tap is zero, padded 1 on both sides: output i then
+  reads inputs 2i-1 .. 2i+2 with weight 0 on input 2i-1, exactly TF's 2i .. 2i+2. So no pad copy.
+  The stem, whose input has one channel, pads explicitly instead: that copy is tiny and the 3x3
+  kernel is faster than a 4x4 one there.
+* Weights are reordered once into oneDNN's blocked layout for the input size they will see.
+
+The plan is rebuilt whenever a parameter changes (tracked by each tensor's version counter), so a
+model evaluated between training epochs never runs stale weights. Only CPU float32 without autocast
+and without gradients takes this path; everything else runs the module as written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+_DILATION = [1, 1]
+
+
+def fused_ops_available() -> bool:
+    """oneDNN's fused conv op ships in x86-64 and aarch64 Linux wheels; other builds fall back."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def fused_path_applies(x: Tensor) -> bool:
+    """True where the fused plan gives the same numbers as the module: CPU float32, no grad, no autocast."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and fused_ops_available()
+    )
+
+
+@dataclass(frozen=True)
+class FusedConv:
+    """One conv+ReLU as oneDNN runs it: (possibly re-shaped) weight, symmetric padding, optional pre-pad."""
+
+    weight: Tensor
+    bias: Tensor
+    padding: list[int]
+    stride: list[int]
+    groups: int
+    pre_pad: tuple[int, int, int, int] | None  # (left, right, top, bottom) for the explicit-pad stem
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.pre_pad is not None:
+            x = nn.functional.pad(x, self.pre_pad).contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, _DILATION, self.groups, "relu", [], ""
+        )
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _one_axis(size: int, kernel: int, stride: int) -> tuple[int, int, bool]:
+    """(symmetric padding, leading zero taps to add, needs an explicit pad) for one spatial axis."""
+    before, after = _same_pads(size, kernel, stride)
+    if before == after:
+        return before, 0, False
+    if after == before + 1:
+        return after, 1, False
+    return 0, 0, True  # not reachable for 3x3 kernels; handled by an explicit pad
+
+
+def _pack(weight: Tensor, padding: list[int], stride: list[int], groups: int, input_size: list[int]) -> Tensor:
+    """Weight in oneDNN's preferred blocked layout for this input size, or as is if the build lacks it."""
+    try:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.contiguous().to_mkldnn(), padding, stride, _DILATION, groups, input_size
+        )
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:  # pragma: no cover - build specific
+        logger.debug("weight pre-packing unavailable (%s); using plain weights", exc)
+        return weight.contiguous()
+
+
+def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int) -> list[FusedConv]:
+    """Fused ops for ``convs`` (in order, each followed by ReLU, TF 'SAME' padded) on [batch, C, height, width]."""
+    plan: list[FusedConv] = []
+    for conv in convs:
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        weight = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+        ph, lead_h, explicit_h = _one_axis(height, kh, sh)
+        pw, lead_w, explicit_w = _one_axis(width, kw, sw)
+        pre_pad = None
+        size = [batch, conv.in_channels, height, width]
+        if conv.in_channels == 1 and (lead_h or lead_w) or explicit_h or explicit_w:
+            top, bottom = _same_pads(height, kh, sh)
+            left, right = _same_pads(width, kw, sw)
+            pre_pad, padding = (left, right, top, bottom), [0, 0]
+            size = [batch, conv.in_channels, height + top + bottom, width + left + right]
+        else:
+            padding = [ph, pw]
+            if lead_h or lead_w:
+                grown = weight.new_zeros(weight.shape[0], weight.shape[1], kh + lead_h, kw + lead_w)
+                grown[:, :, lead_h:, lead_w:] = weight
+                weight = grown
+        stride = [sh, sw]
+        plan.append(FusedConv(_pack(weight, padding, stride, conv.groups, size), bias.contiguous(),
+                              padding, stride, conv.groups, pre_pad))
+        height, width = -(-height // sh), -(-width // sw)
+    return plan
+
+
+class FusedFeatures:
+    """Runs a stack of conv+ReLU layers through cached plans, one per input shape, dropped when weights change.
+
+    Holds no state worth saving: copies and pickles start with an empty cache (oneDNN's packed
+    tensors cannot be copied), and the next call rebuilds what it needs.
+    """
+
+    #: Input shapes kept at once: a full chunk, a last partial chunk, and a few single-clip sizes.
+    MAX_PLANS = 8
+
+    def __init__(self) -> None:
+        self._weights_key: tuple = ()
+        self._plans: dict[tuple[int, ...], list[FusedConv]] = {}
+
+    def __call__(self, convs: list[nn.Conv2d], x: Tensor) -> Tensor | None:
+        """Features of ``x``, or None when the weights cannot be tracked (the caller runs the modules).
+
+        Weights created under ``torch.inference_mode`` carry no version counter, so a cached plan
+        could not notice them change: those models take the module path.
+        """
+        if any(c.weight.is_inference() or (c.bias is not None and c.bias.is_inference()) for c in convs):
+            return None
+        weights_key = tuple(
+            (c.weight.data_ptr(), c.weight._version, None if c.bias is None else c.bias._version) for c in convs
+        )
+        if weights_key != self._weights_key:
+            self._plans.clear()
+            self._weights_key = weights_key
+        shape = tuple(x.shape)
+        plan = self._plans.get(shape)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[shape] = build_plan(convs, shape[0], shape[-2], shape[-1])
+        h = x.contiguous(memory_format=torch.channels_last)
+        for op in plan:
+            h = op(h)
+        return h
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()

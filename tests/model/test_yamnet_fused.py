@@ -1,0 +1,92 @@
+"""The fused CPU inference path must be the module's arithmetic, only faster (model/yamnet_fused.py)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from model.yamnet_fused import build_plan, fused_ops_available
+
+pytestmark = pytest.mark.skipif(not fused_ops_available(), reason="this torch build has no oneDNN fused conv")
+
+TOL = 1e-5
+
+
+def _both_paths(model, x):
+    """(module path, fused path) outputs, from copies so the shared fixture is untouched."""
+    outs = []
+    for fused in (False, True):
+        m = copy.deepcopy(model)
+        m.fused_inference = fused
+        with torch.inference_mode():
+            outs.append(m(x))
+    return outs
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 96, 64), (20, 1, 96, 64), (70, 1, 96, 64), (3, 1, 95, 63), (2, 1, 97, 66)])
+def test_fused_equals_modules(yamnet_model, shape):
+    """Even sizes take the grown-kernel stride-2 rewrite; odd ones the symmetric pad; 70 spans two chunks."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    (emb_m, logit_m), (emb_f, logit_f) = _both_paths(yamnet_model, x)
+    assert emb_f.shape == emb_m.shape == (shape[0], 1024)
+    assert torch.allclose(emb_f, emb_m, atol=TOL, rtol=0)
+    assert torch.allclose(logit_f, logit_m, atol=TOL * 10, rtol=0)
+
+
+def test_stride2_rewrite_grows_kernel_with_a_zero_leading_tap(yamnet_model):
+    convs = yamnet_model.conv_layers()
+    plan = build_plan(convs, batch=4, height=96, width=64)
+    assert plan[0].pre_pad == (0, 1, 0, 1)  # the one-channel stem pads explicitly (0 before, 1 after)
+    depthwise_s2 = [op for op, c in zip(plan, convs) if c.stride == (2, 2) and c.in_channels > 1]
+    assert len(depthwise_s2) == 4
+    for op in depthwise_s2:
+        assert op.padding == [1, 1] and op.pre_pad is None
+
+
+def test_plan_follows_weight_updates(yamnet_model):
+    """A model evaluated between training steps must never run stale packed weights."""
+    model = copy.deepcopy(yamnet_model)
+    x = torch.randn(2, 1, 96, 64)
+    with torch.inference_mode():
+        before = model(x)[0]
+    with torch.no_grad():
+        model.features[5].pointwise.conv.weight.mul_(0.5)  # in place: the version counter moves
+    with torch.inference_mode():
+        after = model(x)[0]
+    model.fused_inference = False
+    with torch.inference_mode():
+        reference = model(x)[0]
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, reference, atol=TOL, rtol=0)
+
+
+def test_training_path_keeps_gradients(yamnet_model):
+    model = copy.deepcopy(yamnet_model)
+    emb, _ = model(torch.randn(2, 1, 96, 64))
+    assert emb.requires_grad  # grad mode runs the modules, not the frozen plan
+    emb.sum().backward()
+    assert model.features[0].conv.weight.grad is not None
+
+
+def test_model_with_warm_plan_copies_and_pickles(yamnet_model):
+    x = torch.randn(2, 1, 96, 64)
+    with torch.inference_mode():
+        expected = yamnet_model(x)[0]  # warms the plan cache
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(yamnet_model)))
+    with torch.inference_mode():
+        assert torch.allclose(clone(x)[0], expected, atol=TOL, rtol=0)
+
+
+def test_weights_made_in_inference_mode_run_the_modules(yamnet_model):
+    """Inference tensors have no version counter, so no cached plan may stand in for them."""
+    x = torch.randn(2, 1, 96, 64)
+    with torch.inference_mode():
+        expected = yamnet_model(x)[0]
+        clone = pickle.loads(pickle.dumps(yamnet_model))
+        assert clone.features[0].conv.weight.is_inference()
+        assert torch.allclose(clone(x)[0], expected, atol=TOL, rtol=0)
+        assert clone._fused(clone.conv_layers(), x) is None
