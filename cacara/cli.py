@@ -97,7 +97,7 @@ def cmd_embed_text(args: argparse.Namespace) -> int:
     texts = read_text_lines(args.file) if args.file else list(args.texts)
     if not texts:
         raise ValueError("no texts given: pass TEXT arguments or --file TEXTS.txt")
-    _save_npy(args.out, embed_texts(args.model or _default_model(), texts))
+    _save_npy(args.out, embed_texts(args.model or _default_model(), texts, args.language))
     return 0
 
 
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder (default: the last `make run`'s)")
     p.add_argument("--out", required=True, help="output .npy, shape (N, D)")
     p.add_argument("--file", default=None, help="UTF-8 file, one text per line")
+    p.add_argument("--language", default=None,
+                   help="language code of the texts (de, pt-BR, ...): centres them by that language's mean; "
+                        "without it the overall mean is used")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p = add("summary")
     p.add_argument("--work", default=".", help="project folder holding work/ and reports/")

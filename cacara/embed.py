@@ -47,10 +47,16 @@ def embed_audio_files(model_dir: str | Path, files: Sequence[str | Path], max_by
     return embed_waveforms(model, waves)
 
 
-def embed_texts(model_dir: str | Path, texts: Sequence[str]) -> np.ndarray:
-    """(N, D) float32 from the frozen tower the model was trained against: same space as the audio."""
+def embed_texts(model_dir: str | Path, texts: Sequence[str], language: str | None = None) -> np.ndarray:
+    """(N, D) float32 from the frozen tower the model was trained against: same space as the audio.
+
+    Rows are centred as the model's training and evaluation centred them (model/text_centering.py):
+    with ``language`` (a caption language code such as ``de`` or ``pt-BR``) by that language's mean,
+    without it by the mean over all languages.
+    """
     model = cached_model(str(model_dir))
-    return np.asarray(cached_text_encoder(model.config["text_encoder"]).encode(list(texts)), dtype=np.float32)
+    raw = np.asarray(cached_text_encoder(model.config["text_encoder"]).encode(list(texts)), dtype=np.float32)
+    return model.text_centroids.apply(raw, language)
 
 
 def read_text_lines(path: str | Path) -> list[str]:

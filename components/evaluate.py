@@ -19,9 +19,10 @@ import torch
 
 from cacara.data import ClipAudio
 from cacara.manifest import Clip, read_manifest
-from model.cacara_model import CacaraModel, build_model, embed_waveforms, load_model
+from model.cacara_model import CacaraModel, build_model, embed_waveforms, load_model, text_centroids_for
 from model.metrics import retrieval_metrics
 from model.text_cache import TextEmbeddingCache
+from model.text_centering import TextCentroids
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,12 @@ def chance_metrics(n_texts_owners: list[int], n_clips: int, dim: int, draws: int
     return acc
 
 
-def _system_rows(name: str, audio_emb: np.ndarray, cache: TextEmbeddingCache, clips: list[Clip],
-                 languages: list[str], supported: set[str] | None) -> list[dict[str, Any]]:
+def _system_rows(name: str, audio_emb: np.ndarray, cache: TextEmbeddingCache, centroids: TextCentroids,
+                 clips: list[Clip], languages: list[str], supported: set[str] | None) -> list[dict[str, Any]]:
     rows = []
     for lang in languages:
         texts, owners = language_queries(clips, lang)
-        m = retrieval_metrics(cache.get(texts), audio_emb, owners)
+        m = retrieval_metrics(centroids.apply(cache.get(texts), lang), audio_emb, owners)
         rows.append({"system": name, "language": lang, "text_encoder": cache.encoder_name,
                      "supported": None if supported is None else _base_language(lang) in supported, **m})
     return rows
@@ -102,8 +103,10 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
                      **chance_metrics(owners, len(clips), main_cache.dim, int(ev["chance_draws"]),
                                       int(ev["chance_seed"]))})
 
+    untrained = build_model(params, params["model"]["text_encoder"], main_cache)
+    untrained.text_centroids = text_centroids_for(params, read_manifest(dataset_dir), main_cache)
     systems: list[tuple[str, CacaraModel, TextEmbeddingCache]] = [
-        ("untrained", build_model(params, params["model"]["text_encoder"], main_cache), main_cache),
+        ("untrained", untrained, main_cache),
         ("trained", load_model(model_dir), main_cache)]
     en_model = load_model(english_only_model_dir)
     systems.append(("trained_english_only", en_model,
@@ -114,7 +117,8 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
                              f"not {cache.encoder_name}")
         log.info("evaluating %s on %d clips, %d languages", name, len(clips), len(languages))
         emb = embed_waveforms(model, waves)
-        rows += _system_rows(name, emb, cache, clips, languages, _languages_of(cache.encoder_name))
+        rows += _system_rows(name, emb, cache, model.text_centroids, clips, languages,
+                             _languages_of(cache.encoder_name))
 
     summary = _summarise(rows, params["ingest"]["training_language"], int(ev["min_captions"]))
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cacara.data import ClipAudio, batches, pad_batch
 from cacara.manifest import read_manifest
 from model.cacara_model import (CacaraModel, build_model, embed_waveforms, load_model, save_model,
-                                set_trainable)
+                                set_trainable, text_centroids_for)
 from model.losses import ContrastiveLoss
 from model.metrics import retrieval_metrics
 from model.text_cache import TextEmbeddingCache
@@ -202,13 +202,15 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     cache = TextEmbeddingCache(text_emb_dir, text_encoder)
     train_caps = [c.captions_in(lang) for c in train_clips]
     val_captions = [(i, t) for i, c in enumerate(val_clips) for t in c.captions_in(lang)]
-    val_text = cache.get([t for _, t in val_captions])
+    centroids = text_centroids_for(params, clips, cache)
+    val_text = centroids.apply(cache.get([t for _, t in val_captions]), lang)
     cache.get([t for caps in train_caps for t in caps])  # fail now, not mid-epoch, if embed_text was skipped
     sr = int(params["audio"]["sample_rate"])
     train_audio = ClipAudio(dataset_dir, train_clips, sr)
     val_audio = [w for w in ClipAudio(dataset_dir, val_clips, sr)]
 
     model = build_model(params, text_encoder, cache).to(dd.device)
+    model.text_centroids = centroids
     head_params, backbone_params = set_trainable(model, p["trainable"], int(p["last_blocks"]),
                                                bool(p["train_class_vectors"]))
     loss_fn = ContrastiveLoss(float(p["init_temperature"]), float(p["max_logit_scale"])).to(dd.device)
@@ -286,7 +288,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
             chosen = [perm[i] for i in idx]
             waves, lengths = pad_batch([train_audio[i] for i in chosen])
             texts = [train_caps[i][pick[i] % len(train_caps[i])] for i in chosen]
-            target = torch.from_numpy(cache.get(texts)).to(dd.device)
+            target = torch.from_numpy(centroids.apply(cache.get(texts), lang)).to(dd.device)
             with _autocast(params, dd.device):
                 audio_emb = ddp_model(waves.to(dd.device), lengths.to(dd.device))
             loss = loss_fn(audio_emb.float(), target)

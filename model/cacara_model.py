@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.audio_encoders import AudioEncoder, build_audio_encoder
+from model.text_centering import TextCentroids, texts_by_language
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class CacaraModel(nn.Module):
         self.encoder = encoder
         self.head = head
         self.config = config
+        #: How queries are centred before they meet this model's audio vectors (model/text_centering.py).
+        self.text_centroids = TextCentroids("none")
 
     @property
     def sample_rate(self) -> int:
@@ -114,6 +117,14 @@ def build_model(params: dict[str, Any], text_encoder: str, text_cache) -> Cacara
     return CacaraModel(encoder, head, config)
 
 
+def text_centroids_for(params: dict[str, Any], clips, text_cache) -> TextCentroids:
+    """The query centring ``model.text_centering`` asks for, estimated from the unpaired caption text
+    of ``model.centroid_splits`` (never the test split: its queries must not shape their own centring)."""
+    m = params["model"]
+    return TextCentroids.compute(m["text_centering"], texts_by_language(clips, m["centroid_splits"]), text_cache,
+                                 int(m["centroid_min_texts"]))
+
+
 def set_trainable(model: CacaraModel, mode: str, last_blocks: int, class_vectors: bool = True
                   ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Freeze per ``train.trainable`` and return (head parameters, trainable backbone parameters).
@@ -152,8 +163,12 @@ def save_model(model: CacaraModel, out_dir: str | Path, params: dict[str, Any], 
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "cacara", "text_encoder": text_encoder})
     tmp.replace(out / WEIGHTS)
+    centroids_sha = None
+    if model.text_centroids.mode != "none":
+        _, centroids_sha = model.text_centroids.save(out)
     config = dict(model.config, text_encoder=text_encoder,
                   sha256=hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest(),
+                  text_centroids_sha256=centroids_sha,
                   params={k: params[k] for k in ("model", "train", "audio") if k in params}, **(extra or {}))
     (out / CONFIG).write_text(json.dumps(config, indent=1, default=float))
     return out
@@ -176,6 +191,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Cac
     model = CacaraModel(encoder, head, {k: config[k] for k in (
         "format_version", "audio_encoder", "text_encoder", "head", "in_dim", "out_dim", "num_classes", "sample_rate")})
     model.load_state_dict(load_file(str(d / WEIGHTS)), strict=True)
+    model.text_centroids = TextCentroids.load(d, config.get("text_centroids_sha256"))
     return model.to(device).eval()
 
 

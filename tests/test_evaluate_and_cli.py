@@ -14,6 +14,8 @@ import soundfile as sf
 
 from components.evaluate import SYSTEMS, evaluate
 from components.train import train
+from model.cacara_model import load_model
+from model.text_encoders import build_text_encoder
 from tests.conftest import REPO, write_tone
 
 
@@ -74,6 +76,16 @@ def test_embed_text_contract(trained, tmp_path):
     proc = _cli("embed-text", "--model", str(trained[0]), "--out", str(tmp_path / "u.npy"), "A dog barks.")
     assert proc.returncode == 0
     np.testing.assert_allclose(np.load(tmp_path / "u.npy")[0], emb[0], atol=1e-6)
+    # Queries are centred exactly as training and evaluation centred them, with the means saved in the model.
+    model = load_model(trained[0])
+    assert model.text_centroids.mode == "global" and (trained[0] / "text_centroids.npz").exists()
+    raw = build_text_encoder(model.config["text_encoder"]).encode(["A dog barks.", "Un chien aboie.", "犬が吠える。"])
+    np.testing.assert_allclose(emb, model.text_centroids.apply(np.asarray(raw, np.float32)), atol=1e-5)
+    assert not np.allclose(emb, raw, atol=1e-3)
+    proc = _cli("embed-text", "--model", str(trained[0]), "--out", str(tmp_path / "v.npy"), "--language", "fr",
+                "Un chien aboie.")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy")[0], emb[1], atol=1e-6)  # global mode: same mean
 
 
 def test_cli_bad_inputs_fail_clearly(trained, tmp_path):
