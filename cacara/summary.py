@@ -77,6 +77,12 @@ def evaluation_lines(report_dir: Path, params: dict[str, Any]) -> list[str]:
         lines.append(f"  multilingual beats the English-only tower in {c.get('known_languages_where_multilingual_beats_english_only_t2a_R@1')}"
                      f"/{c.get('other_languages_known_to_tower')} other languages the tower knows"
                      f" (not beaten: {', '.join(c.get('known_languages_where_english_only_is_not_beaten', [])) or 'none'})")
+        if "bootstrap_confidence" in c:
+            above = c.get("known_languages_significantly_above_english_only", [])
+            below = c.get("known_languages_significantly_below_english_only", [])
+            lines.append(f"  paired bootstrap over test clips ({c['bootstrap_confidence']:.0%} interval): "
+                         f"significantly above the English-only tower in {len(above)}, below in {len(below)}"
+                         f"{' (' + ', '.join(below) + ')' if below else ''}")
         unknown = c.get("languages_unknown_to_tower", [])
         if unknown:
             lines.append(f"  and in {c.get('unknown_languages_where_multilingual_beats_english_only_t2a_R@1')}/{len(unknown)}"

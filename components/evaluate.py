@@ -20,7 +20,7 @@ import torch
 from cacara.data import ClipAudio
 from cacara.manifest import Clip, read_manifest
 from model.cacara_model import CacaraModel, build_model, embed_waveforms, load_model, text_centroids_for
-from model.metrics import retrieval_metrics
+from model.metrics import paired_bootstrap, retrieval_metrics, t2a_hits
 from model.text_cache import TextEmbeddingCache
 from model.text_centering import TextCentroids
 
@@ -77,9 +77,11 @@ def _system_rows(name: str, audio_emb: np.ndarray, cache: TextEmbeddingCache, ce
     rows = []
     for lang in languages:
         texts, owners = language_queries(clips, lang)
-        m = retrieval_metrics(centroids.apply(cache.get(texts), lang), audio_emb, owners)
+        queries = centroids.apply(cache.get(texts), lang)
+        m = retrieval_metrics(queries, audio_emb, owners)
         rows.append({"system": name, "language": lang, "text_encoder": cache.encoder_name,
-                     "supported": None if supported is None else _base_language(lang) in supported, **m})
+                     "supported": None if supported is None else _base_language(lang) in supported, **m,
+                     "_t2a_hits": t2a_hits(queries, audio_emb, owners), "_owners": owners})
     return rows
 
 
@@ -121,6 +123,8 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
                              _languages_of(cache.encoder_name))
 
     summary = _summarise(rows, params["ingest"]["training_language"], int(ev["min_captions"]))
+    summary["checks"].update(_significance(rows, params["ingest"]["training_language"],
+                                           out / "paired_bootstrap.csv", ev))
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     _write_csv(out / "per_language.csv", rows)
     _plot(rows, out / "r1_per_language.png", ev["plot_metric"])
@@ -188,6 +192,38 @@ def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions:
             sum(trained_by[lang]["t2a_R@1"] > en_by[lang]["t2a_R@1"] for lang in set(other) - set(known)),
     }
     return out
+
+
+def _significance(rows: list[dict[str, Any]], training_language: str, path: Path, ev: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """Paired bootstrap of trained minus English-only t2a R@1 per language the tower knows.
+
+    Writes ``paired_bootstrap.csv`` and returns the languages whose interval lies wholly above or
+    wholly below zero: with 29 test clips a one-clip difference is noise, and this says which
+    differences are not.
+    """
+    by = {(r["system"], r["language"]): r for r in rows}
+    known = sorted(r["language"] for r in rows if r["system"] == "trained" and r["supported"] is not False
+                   and r["n_texts"] >= int(ev["min_captions"]) and ("trained_english_only", r["language"]) in by
+                   and not _same_language(r["language"], training_language))
+    above, below, table = [], [], []
+    for lang in known:
+        t, e = by[("trained", lang)], by[("trained_english_only", lang)]
+        diff, lo, hi = paired_bootstrap(t["_t2a_hits"], e["_t2a_hits"], t["_owners"], int(ev["bootstrap_draws"]),
+                                        int(ev["bootstrap_seed"]), float(ev["bootstrap_confidence"]))
+        table.append({"language": lang, "trained_minus_english_only_t2a_R@1": round(diff, 3),
+                      "ci_low": round(lo, 3), "ci_high": round(hi, 3)})
+        if lo > 0:
+            above.append(lang)
+        elif hi < 0:
+            below.append(lang)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["language", "trained_minus_english_only_t2a_R@1", "ci_low", "ci_high"])
+        w.writeheader()
+        w.writerows(table)
+    return {"bootstrap_confidence": float(ev["bootstrap_confidence"]),
+            "known_languages_significantly_above_english_only": above,
+            "known_languages_significantly_below_english_only": below}
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -72,3 +72,35 @@ def retrieval_metrics(text_emb: np.ndarray, audio_emb: np.ndarray, text_clip: Se
     out["n_texts"] = float(n_text)
     out["n_clips"] = float(n_audio)
     return out
+
+
+def t2a_hits(text_emb: np.ndarray, audio_emb: np.ndarray, text_clip: Sequence[int], k: int = 1) -> np.ndarray:
+    """Per caption, whether its clip ranks within the top ``k`` (the terms ``t2a_R@k`` averages)."""
+    text_clip = np.asarray(text_clip, dtype=np.int64)
+    sim = np.asarray(text_emb, dtype=np.float64) @ np.asarray(audio_emb, dtype=np.float64).T
+    relevant = np.zeros_like(sim, dtype=bool)
+    relevant[np.arange(len(text_clip)), text_clip] = True
+    return _pessimistic_ranks(sim, relevant)[np.arange(len(text_clip)), text_clip] <= k
+
+
+def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, text_clip: Sequence[int], draws: int, seed: int,
+                     confidence: float) -> tuple[float, float, float]:
+    """(difference in percent points, lower, upper) of mean(hits_a) - mean(hits_b), resampling CLIPS.
+
+    Why clips: a clip's captions share its audio, so they are not independent draws; resampling whole
+    clips (with all their captions, for both systems at once) keeps that pairing. On a 29-clip test
+    split one clip moves R@1 by 3.4 points, so a per-language win is only evidence when the interval
+    excludes zero.
+    """
+    text_clip = np.asarray(text_clip, dtype=np.int64)
+    a, b = np.asarray(hits_a, dtype=np.float64), np.asarray(hits_b, dtype=np.float64)
+    clips = np.unique(text_clip)
+    members = [np.flatnonzero(text_clip == c) for c in clips]
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(draws)
+    for i in range(draws):
+        idx = np.concatenate([members[j] for j in rng.integers(0, len(clips), len(clips))])
+        diffs[i] = a[idx].mean() - b[idx].mean()
+    tail = (1.0 - confidence) / 2
+    lo, hi = np.quantile(diffs, [tail, 1.0 - tail])
+    return float(100 * (a.mean() - b.mean())), float(100 * lo), float(100 * hi)

@@ -40,6 +40,11 @@ def test_evaluate_reports_every_system_and_language(tiny_corpus, trained, tmp_pa
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(SYSTEMS) * len(languages)
     assert (tmp_path / "ev" / "r1_per_language.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "ev" / "paired_bootstrap.csv", encoding="utf-8") as fh:
+        boot = list(csv.DictReader(fh))
+    assert boot and all(float(b["ci_low"]) <= float(b["trained_minus_english_only_t2a_R@1"]) <= float(b["ci_high"])
+                        for b in boot)
+    assert metrics["checks"]["bootstrap_confidence"] == params["evaluate"]["bootstrap_confidence"]
     # chance with 4 clips: R@1 about 25 %, never 0 or 100 on average
     chance = [r for r in result.rows if r["system"] == "chance"]
     assert all(5 < r["t2a_R@1"] < 60 for r in chance)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.losses import ContrastiveLoss
-from model.metrics import retrieval_metrics
+from model.metrics import paired_bootstrap, retrieval_metrics, t2a_hits
 
 # Rows: captions t0..t3; columns: clips c0..c2. t0, t1 describe c0; t2 -> c1; t3 -> c2.
 SIM = np.array([[0.9, 0.1, 0.5],   # t0: c0 ranked 1st
@@ -64,3 +64,26 @@ def test_temperature_is_learned_and_clamped():
     with torch.no_grad():
         loss.logit_scale.fill_(10.0)
     assert loss.temperature == pytest.approx(0.01)
+
+
+def test_t2a_hits_average_to_r_at_1():
+    rng = np.random.default_rng(3)
+    t, a = rng.standard_normal((12, 8)), rng.standard_normal((5, 8))
+    owners = [i % 5 for i in range(12)]
+    hits = t2a_hits(t, a, owners)
+    assert hits.dtype == bool and hits.shape == (12,)
+    assert 100 * hits.mean() == pytest.approx(retrieval_metrics(t, a, owners)["t2a_R@1"])
+
+
+def test_paired_bootstrap_separates_real_gaps_from_noise():
+    owners = np.repeat(np.arange(30), 2)  # 30 clips, 2 captions each
+    better = np.ones(60, bool)
+    worse = np.zeros(60, bool)
+    diff, lo, hi = paired_bootstrap(better, worse, owners, draws=500, seed=0, confidence=0.95)
+    assert diff == 100.0 and lo == 100.0 and hi == 100.0
+    one_clip = np.zeros(60, bool)
+    one_clip[:2] = True  # a single clip apart: the interval must include zero
+    diff, lo, hi = paired_bootstrap(one_clip, worse, owners, draws=500, seed=0, confidence=0.95)
+    assert diff == pytest.approx(100 / 30) and lo <= 0.0 <= hi
+    # Deterministic for a seed
+    assert paired_bootstrap(one_clip, worse, owners, 200, 1, 0.9) == paired_bootstrap(one_clip, worse, owners, 200, 1, 0.9)
