@@ -24,6 +24,7 @@ and without gradients takes this path; everything else runs the module as writte
 from __future__ import annotations
 
 import logging
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +97,13 @@ def _pack(weight: Tensor, padding: list[int], stride: list[int], groups: int, in
         return weight.contiguous()
 
 
-def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int) -> list[FusedConv]:
-    """Fused ops for ``convs`` (in order, each followed by ReLU, TF 'SAME' padded) on [batch, C, height, width]."""
+def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int, pack: bool = True) -> list[FusedConv]:
+    """Fused ops for ``convs`` (in order, each followed by ReLU, TF 'SAME' padded) on [batch, C, height, width].
+
+    ``pack`` reorders the weights for exactly this input shape: about 10 ms once, then each call
+    skips oneDNN's per-call weight reorder. Packed weights used on another batch size stay correct
+    but get reordered on every call (measured: 2 -> 33 ms at one patch), so a plan is per shape.
+    """
     plan: list[FusedConv] = []
     for conv in convs:
         (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
@@ -119,25 +125,35 @@ def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int) -> l
                 grown[:, :, lead_h:, lead_w:] = weight
                 weight = grown
         stride = [sh, sw]
-        plan.append(FusedConv(_pack(weight, padding, stride, conv.groups, size), bias.contiguous(),
+        packed = _pack(weight, padding, stride, conv.groups, size) if pack else weight.contiguous()
+        plan.append(FusedConv(packed, bias.contiguous(),
                               padding, stride, conv.groups, pre_pad))
         height, width = -(-height // sh), -(-width // sw)
     return plan
 
 
 class FusedFeatures:
-    """Runs a stack of conv+ReLU layers through cached plans, one per input shape, dropped when weights change.
+    """Runs a stack of conv+ReLU layers through cached plans, dropped whenever a weight changes.
+
+    Shapes differ from call to call (one clip per pass: the patch count follows the clip's length),
+    and packing weights for a shape costs about 10 ms, so only shapes that come back are packed: a
+    shape's first ``PACK_AFTER - 1`` calls run a plan with plain weights (per spatial size, any
+    batch), later calls a packed plan; at most ``MAX_PACKED`` packed plans are kept (least recently
+    used goes first), since each holds a 15 MB copy of the weights.
 
     Holds no state worth saving: copies and pickles start with an empty cache (oneDNN's packed
     tensors cannot be copied), and the next call rebuilds what it needs.
     """
 
-    #: Input shapes kept at once: a full chunk, a last partial chunk, and a few single-clip sizes.
-    MAX_PLANS = 8
+    PACK_AFTER = 2
+    MAX_PACKED = 4
+    _MAX_COUNTED = 1024  # distinct shapes remembered before the counts start over
 
     def __init__(self) -> None:
         self._weights_key: tuple = ()
-        self._plans: dict[tuple[int, ...], list[FusedConv]] = {}
+        self._packed: OrderedDict[tuple[int, ...], list[FusedConv]] = OrderedDict()
+        self._plain: dict[tuple[int, int], list[FusedConv]] = {}
+        self._seen: Counter[tuple[int, ...]] = Counter()
 
     def __call__(self, convs: list[nn.Conv2d], x: Tensor) -> Tensor | None:
         """Features of ``x``, or None when the weights cannot be tracked (the caller runs the modules).
@@ -151,18 +167,31 @@ class FusedFeatures:
             (c.weight.data_ptr(), c.weight._version, None if c.bias is None else c.bias._version) for c in convs
         )
         if weights_key != self._weights_key:
-            self._plans.clear()
+            self.__init__()
             self._weights_key = weights_key
-        shape = tuple(x.shape)
-        plan = self._plans.get(shape)
-        if plan is None:
-            if len(self._plans) >= self.MAX_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            plan = self._plans[shape] = build_plan(convs, shape[0], shape[-2], shape[-1])
         h = x.contiguous(memory_format=torch.channels_last)
-        for op in plan:
+        for op in self._plan_for(convs, tuple(x.shape)):
             h = op(h)
         return h
+
+    def _plan_for(self, convs: list[nn.Conv2d], shape: tuple[int, ...]) -> list[FusedConv]:
+        plan = self._packed.get(shape)
+        if plan is not None:
+            self._packed.move_to_end(shape)
+            return plan
+        if len(self._seen) >= self._MAX_COUNTED:
+            self._seen.clear()
+        self._seen[shape] += 1
+        batch, height, width = shape[0], shape[-2], shape[-1]
+        if self._seen[shape] >= self.PACK_AFTER:
+            if len(self._packed) >= self.MAX_PACKED:
+                self._packed.popitem(last=False)
+            plan = self._packed[shape] = build_plan(convs, batch, height, width, pack=True)
+            return plan
+        plain = self._plain.get((height, width))
+        if plain is None:
+            plain = self._plain[(height, width)] = build_plan(convs, batch, height, width, pack=False)
+        return plain
 
     def __getstate__(self) -> dict:
         return {}

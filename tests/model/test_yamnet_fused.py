@@ -16,13 +16,19 @@ TOL = 1e-5
 
 
 def _both_paths(model, x):
-    """(module path, fused path) outputs, from copies so the shared fixture is untouched."""
+    """(module path, fused path) outputs, from copies so the shared fixture is untouched.
+
+    The fused model runs until its packed plan is used; plain and packed plans must agree.
+    """
     outs = []
     for fused in (False, True):
         m = copy.deepcopy(model)
         m.fused_inference = fused
         with torch.inference_mode():
-            outs.append(m(x))
+            runs = [m(x) for _ in range(m._fused.PACK_AFTER if fused else 1)]
+        for emb, _ in runs[1:]:
+            assert torch.allclose(emb, runs[0][0], atol=TOL, rtol=0)
+        outs.append(runs[-1])
     return outs
 
 
@@ -70,6 +76,22 @@ def test_training_path_keeps_gradients(yamnet_model):
     assert emb.requires_grad  # grad mode runs the modules, not the frozen plan
     emb.sum().backward()
     assert model.features[0].conv.weight.grad is not None
+
+
+def test_shapes_that_come_back_get_packed_plans_and_old_ones_are_dropped(yamnet_model):
+    model = copy.deepcopy(yamnet_model)
+    cache = model._fused
+    with torch.inference_mode():
+        reference = None
+        for i in range(cache.PACK_AFTER + 1):  # first calls: plain weights; then a packed plan
+            out = model(torch.ones(3, 1, 96, 64))[0]
+            reference = out if reference is None else reference
+            assert torch.allclose(out, reference, atol=TOL, rtol=0)
+        assert (3, 1, 96, 64) in cache._packed
+        for n in range(4, 4 + cache.MAX_PACKED):
+            for _ in range(cache.PACK_AFTER):
+                model(torch.ones(n, 1, 96, 64))
+        assert len(cache._packed) == cache.MAX_PACKED and (3, 1, 96, 64) not in cache._packed
 
 
 def test_model_with_warm_plan_copies_and_pickles(yamnet_model):
