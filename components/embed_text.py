@@ -26,11 +26,11 @@ class EmbedTextResult:
 
 def class_prompts(params: dict[str, Any]) -> list[str]:
     """AudioSet class names as the text tower sees them (used by the text-centric initialisation)."""
-    from model.audio_encoders import build_audio_encoder
+    from model.audio_encoders import audio_encoder_class_names
 
     if params["model"]["init"] != "text_centric":
         return []
-    names = build_audio_encoder(params["model"]["audio_encoder"]).class_names
+    names = audio_encoder_class_names(params["model"]["audio_encoder"])
     return [params["model"]["class_prompt"].format(n) for n in names] if names else []
 
 

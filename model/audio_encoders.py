@@ -85,6 +85,19 @@ class AudioEncoder(nn.Module, abc.ABC):
     def has_class_logits(self) -> bool:
         return self.class_names is not None
 
+    @classmethod
+    def known_class_names(cls) -> list[str] | None:
+        """The classifier's class names without loading any weights (None: no classifier)."""
+        return None
+
+    def classifier_layer(self) -> nn.Linear | None:
+        """The pretrained linear classifier on top of the clip embedding, if the encoder has one.
+
+        The text-centric initialisation copies it into the CACARA head, so it must map exactly the
+        embedding :meth:`forward` returns to the logits of :attr:`class_names`.
+        """
+        return None
+
     def class_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         """[B, num_classes] clip-level logits; only encoders with a pretrained classifier have them."""
         raise NotImplementedError(f"{self.name} has no classifier head")
@@ -134,15 +147,23 @@ class YamnetAudioEncoder(AudioEncoder):
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None, archive: str | Path | None = None):
         super().__init__()
         from model.frontend import YamnetFrontend
-        from model.sead_onnx import load_class_names
         from model.yamnet import load_yamnet
 
         self.frontend = YamnetFrontend()
         self.yamnet = load_yamnet(cache_dir, archive)
         self.dim = self.yamnet.embedding_dim
-        self.class_names = load_class_names()
+        self.class_names = self.known_class_names()
         if len(self.class_names) != self.yamnet.classifier.out_features:
             raise ValueError("class map and classifier disagree on the number of classes")
+
+    @classmethod
+    def known_class_names(cls) -> list[str]:
+        from model.sead_onnx import load_class_names
+
+        return load_class_names()
+
+    def classifier_layer(self) -> nn.Linear:
+        return self.yamnet.classifier
 
     def embed_and_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both clip-level outputs from one pass: [B, 1024] and [B, 521]."""
@@ -285,13 +306,24 @@ class HFAudioEncoder(AudioEncoder):
         return masked_mean(hidden, self._frame_mask(hidden, inputs, clip_lengths))
 
 
+def _encoder_type(name: str) -> type[AudioEncoder]:
+    if name == "yamnet":
+        return YamnetAudioEncoder
+    if name.startswith(HF_PREFIX):
+        return HFAudioEncoder
+    raise ValueError(f"unknown audio encoder {name!r}; expected 'yamnet' or 'hf:<id-or-path>'")
+
+
 def build_audio_encoder(name: str, **kwargs: object) -> AudioEncoder:
     """``"yamnet"`` or ``"hf:<model id or local path>"``; keyword arguments go to the constructor."""
-    if name == "yamnet":
-        return YamnetAudioEncoder(**kwargs)  # type: ignore[arg-type]
-    if name.startswith(HF_PREFIX):
+    if _encoder_type(name) is HFAudioEncoder:
         return HFAudioEncoder(name[len(HF_PREFIX) :], **kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown audio encoder {name!r}; expected 'yamnet' or 'hf:<id-or-path>'")
+    return YamnetAudioEncoder(**kwargs)  # type: ignore[arg-type]
+
+
+def audio_encoder_class_names(name: str) -> list[str] | None:
+    """Class names of encoder ``name`` without building it (embed_text needs the names, not the weights)."""
+    return _encoder_type(name).known_class_names()
 
 
 def available_audio_encoders() -> Sequence[str]:

@@ -92,7 +92,8 @@ def build_model(params: dict[str, Any], text_encoder: str, text_cache) -> Cacara
     m = params["model"]
     encoder = build_audio_encoder(m["audio_encoder"])
     torch.manual_seed(int(params["train"]["seed"]))
-    use_classes = m["init"] == "text_centric" and encoder.has_class_logits
+    classifier = encoder.classifier_layer()  # the pretrained classifier, e.g. YAMNet's AudioSet one
+    use_classes = m["init"] == "text_centric" and encoder.has_class_logits and classifier is not None
     if m["init"] == "text_centric" and not use_classes:
         log.warning("%s has no classifier: falling back to a random linear projection", encoder.name)
     if use_classes:
@@ -103,7 +104,6 @@ def build_model(params: dict[str, Any], text_encoder: str, text_cache) -> Cacara
             # would dominate every weighted sum and drown the differences between clips.
             vectors = vectors - vectors.mean(dim=0, keepdim=True)
         head: nn.Module = TextCentricHead(encoder.dim, vectors)
-        classifier = encoder.yamnet.classifier  # the pretrained AudioSet classifier
         with torch.no_grad():
             head.classifier.weight.copy_(classifier.weight)
             head.classifier.bias.copy_(classifier.bias)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.audio_encoders import AudioEncoder, YamnetAudioEncoder, build_audio_encoder
+from model.audio_encoders import AudioEncoder, YamnetAudioEncoder, audio_encoder_class_names, build_audio_encoder
 
 
 def _batch(clips: dict[str, np.ndarray], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +88,16 @@ def test_yamnet_last_blocks_get_gradients_frozen_do_not(weights_dir, clips):
 def test_unknown_encoder_name():
     with pytest.raises(ValueError, match="unknown audio encoder"):
         build_audio_encoder("vggish")
+    with pytest.raises(ValueError, match="unknown audio encoder"):
+        audio_encoder_class_names("vggish")
+
+
+def test_class_names_without_weights_match_the_built_encoder(yamnet_encoder):
+    names = audio_encoder_class_names("yamnet")
+    assert names == yamnet_encoder.class_names and len(names) == 521
+    assert yamnet_encoder.classifier_layer() is yamnet_encoder.yamnet.classifier
+    assert yamnet_encoder.classifier_layer().out_features == len(names)
+    assert audio_encoder_class_names("hf:/nowhere") is None  # no classifier; nothing is loaded
 
 
 # ---- transformers checkpoints, saved tiny and random into tmp_path, loaded with local_files_only ----
@@ -129,7 +139,7 @@ def tiny_whisper(tmp_path_factory) -> Path:
 def test_hf_wav2vec2_from_local_save(tiny_wav2vec2, clips):
     enc = build_audio_encoder(f"hf:{tiny_wav2vec2}")
     assert isinstance(enc, AudioEncoder)
-    assert enc.dim == 32 and not enc.has_class_logits
+    assert enc.dim == 32 and not enc.has_class_logits and enc.classifier_layer() is None
     assert [g.name for g in enc.block_groups()] == ["stem", "encoder.layers.0", "encoder.layers.1"]
     enc.eval()
     waves, lengths = _batch(clips, ["dog", "cow"])
