@@ -69,6 +69,13 @@ YAMNET_PATCH_SHAPE = (1, 96, 64)  # channels, frames, mel bands
 #: Patches per pass through the convolutions (64 = three 10-s clips): big enough for efficient kernels,
 #: small enough that activations stay in memory the allocator reuses.
 YAMNET_PATCH_CHUNK = 64
+#: Fused CPU inference runs in two phases, each at the batch its layers run fastest at (measured with
+#: benchmarks/yamnet_speed.py-style interleaved runs: 0.88 -> 0.93 of onnxruntime at 32 clips).
+#: Convolutions before this index see 96x64 .. 12x8 maps: big activations, so small batches that stay
+#: in cache. From here on maps are 6x4 and 3x2: small activations, and big batches make big GEMMs.
+FUSED_LATE_FROM = 12
+FUSED_EARLY_CHUNK = 20  # patches: one 10-s clip
+FUSED_LATE_CHUNK = 640  # patches: 640 x 512 x 6 x 4 floats = 31.5 MB, under glibc's 32 MB mmap ceiling
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -141,7 +148,8 @@ class Yamnet(nn.Module):
         #: Without gradients on CPU, run the convolutions through ``model.yamnet_fused`` (same weights,
         #: same arithmetic, no separate ReLU/pad passes); False runs the modules as written.
         self.fused_inference = fused_inference
-        self._fused = FusedFeatures()
+        self._fused_early = FusedFeatures()
+        self._fused_late = FusedFeatures()
         blocks: list[nn.Module] = []
         channels = in_channels
         for spec in layers:
@@ -159,19 +167,39 @@ class Yamnet(nn.Module):
     def forward(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         if patches.dim() != 4 or patches.shape[1] != self.features[0].conv.in_channels:
             raise ValueError(f"expected patches [N, 1, frames, mels], got {tuple(patches.shape)}")
-        # Bounded chunks keep the working set small: at 32 clips, large activations handed back to the
-        # OS after every layer cost more than the convolutions (benchmarks/yamnet_speed.py).
-        chunks = [self._embed(patches[i:i + self.patch_chunk]) for i in range(0, patches.shape[0], self.patch_chunk)]
-        embedding = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        embedding = None
+        if self.fused_inference and fused_path_applies(patches):
+            embedding = self._fused_embed(patches)
+        if embedding is None:
+            # Bounded chunks keep the working set small: at 32 clips, large activations handed back to
+            # the OS after every layer cost more than the convolutions (benchmarks/yamnet_speed.py).
+            chunks = [self._embed(patches[i:i + self.patch_chunk])
+                      for i in range(0, patches.shape[0], self.patch_chunk)]
+            embedding = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return embedding, self.classifier(embedding)
 
     def _embed(self, patches: Tensor) -> Tensor:
-        if self.fused_inference and fused_path_applies(patches):
-            features = self._fused(self.conv_layers(), patches)
-            if features is not None:
-                return features.mean(dim=(-2, -1))
         # channels_last is what oneDNN's convolutions run fastest on (measured 56 -> 35 ms per clip).
         return self.features(patches.contiguous(memory_format=torch.channels_last)).mean(dim=(-2, -1))
+
+    def _fused_embed(self, patches: Tensor) -> Tensor | None:
+        """Embeddings through ``model.yamnet_fused``, or None when it cannot track the weights."""
+        convs = self.conv_layers()
+        early, late = convs[:FUSED_LATE_FROM], convs[FUSED_LATE_FROM:]
+        out = []
+        for i in range(0, patches.shape[0], FUSED_LATE_CHUNK):
+            block = patches[i:i + FUSED_LATE_CHUNK]
+            parts = []
+            for j in range(0, block.shape[0], FUSED_EARLY_CHUNK):
+                h = self._fused_early(early, block[j:j + FUSED_EARLY_CHUNK])
+                if h is None:
+                    return None
+                parts.append(h)
+            h = self._fused_late(late, parts[0] if len(parts) == 1 else torch.cat(parts))
+            if h is None:
+                return None
+            out.append(h.mean(dim=(-2, -1)))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def conv_layers(self) -> list[nn.Conv2d]:
         """Convolutions in execution order: the order the ONNX graph runs them in."""

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from model.yamnet import FUSED_LATE_CHUNK
 from model.yamnet_fused import build_plan, fused_ops_available
 
 pytestmark = pytest.mark.skipif(not fused_ops_available(), reason="this torch build has no oneDNN fused conv")
@@ -25,16 +26,18 @@ def _both_paths(model, x):
         m = copy.deepcopy(model)
         m.fused_inference = fused
         with torch.inference_mode():
-            runs = [m(x) for _ in range(m._fused.PACK_AFTER if fused else 1)]
+            runs = [m(x) for _ in range(m._fused_early.PACK_AFTER if fused else 1)]
         for emb, _ in runs[1:]:
             assert torch.allclose(emb, runs[0][0], atol=TOL, rtol=0)
         outs.append(runs[-1])
     return outs
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 96, 64), (20, 1, 96, 64), (70, 1, 96, 64), (3, 1, 95, 63), (2, 1, 97, 66)])
+@pytest.mark.parametrize("shape", [(1, 1, 96, 64), (20, 1, 96, 64), (70, 1, 96, 64), (3, 1, 95, 63), (2, 1, 97, 66),
+                                   (FUSED_LATE_CHUNK + 7, 1, 96, 64)])
 def test_fused_equals_modules(yamnet_model, shape):
-    """Even sizes take the grown-kernel stride-2 rewrite; odd ones the symmetric pad; 70 spans two chunks."""
+    """Even sizes take the grown-kernel stride-2 rewrite; odd ones the symmetric pad; 70 spans several
+    early-phase chunks, and the last shape two late-phase ones."""
     torch.manual_seed(0)
     x = torch.randn(*shape)
     (emb_m, logit_m), (emb_f, logit_f) = _both_paths(yamnet_model, x)
@@ -80,7 +83,7 @@ def test_training_path_keeps_gradients(yamnet_model):
 
 def test_shapes_that_come_back_get_packed_plans_and_old_ones_are_dropped(yamnet_model):
     model = copy.deepcopy(yamnet_model)
-    cache = model._fused
+    cache = model._fused_early
     with torch.inference_mode():
         reference = None
         for i in range(cache.PACK_AFTER + 1):  # first calls: plain weights; then a packed plan
@@ -111,4 +114,4 @@ def test_weights_made_in_inference_mode_run_the_modules(yamnet_model):
         clone = pickle.loads(pickle.dumps(yamnet_model))
         assert clone.features[0].conv.weight.is_inference()
         assert torch.allclose(clone(x)[0], expected, atol=TOL, rtol=0)
-        assert clone._fused(clone.conv_layers(), x) is None
+        assert clone._fused_early(clone.conv_layers(), x) is None and clone._fused_embed(x) is None
