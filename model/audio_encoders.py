@@ -171,11 +171,20 @@ class YamnetAudioEncoder(AudioEncoder):
         patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
         batch, num = patches.shape[:2]
         emb, logits = self.yamnet(patches.flatten(0, 1))
-        keep = torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
+        keep = self._keep(patches, lengths)
         return masked_mean(emb.view(batch, num, -1), keep), masked_mean(logits.view(batch, num, -1), keep)
 
+    def _keep(self, patches: Tensor, lengths: Tensor) -> Tensor:
+        """[B, P] True for the patches a clip's own samples produce (the rest is batch padding)."""
+        num = patches.shape[1]
+        return torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
+
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
-        return self.embed_and_logits(waveforms, lengths)[0]
+        lengths = _check_batch(waveforms, lengths)
+        patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
+        batch, num = patches.shape[:2]
+        emb = self.yamnet.embed(patches.flatten(0, 1))  # the logits are not needed: skip the classifier
+        return masked_mean(emb.view(batch, num, -1), self._keep(patches, lengths))
 
     def class_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.embed_and_logits(waveforms, lengths)[1]

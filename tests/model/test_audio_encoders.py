@@ -31,6 +31,8 @@ def test_yamnet_encoder_interface(yamnet_encoder, clips):
     with torch.no_grad():
         emb = yamnet_encoder(waves, lengths)
         logits = yamnet_encoder.class_logits(waves, lengths)
+        both = yamnet_encoder.embed_and_logits(waves, lengths)
+    torch.testing.assert_close(emb, both[0], rtol=0, atol=1e-6)  # forward skips only the classifier
     assert yamnet_encoder.dim == 1024 and yamnet_encoder.sample_rate == 16000
     assert emb.shape == (3, 1024) and logits.shape == (3, 521)
     assert len(yamnet_encoder.class_names) == 521 and yamnet_encoder.has_class_logits
