@@ -174,7 +174,13 @@ class Yamnet(nn.Module):
             raise ValueError(f"expected patches [N, 1, frames, mels], got {tuple(patches.shape)}")
         embedding = None
         if self.fused_inference and fused_path_applies(patches):
-            embedding = self._fused_embed(patches)
+            try:
+                embedding = self._fused_embed(patches)
+            except (RuntimeError, NotImplementedError) as exc:
+                # The fused path leans on oneDNN ops torch does not promise to keep; if this build's
+                # refuse the call, run the modules (same numbers, slower) rather than fail.
+                logger.warning("fused YAMNet inference unavailable here (%s); running the modules", exc)
+                self.fused_inference = False
         if embedding is None:
             # Bounded chunks keep the working set small: at 32 clips, large activations handed back to
             # the OS after every layer cost more than the convolutions (benchmarks/yamnet_speed.py).

@@ -115,3 +115,21 @@ def test_weights_made_in_inference_mode_run_the_modules(yamnet_model):
         assert clone.features[0].conv.weight.is_inference()
         assert torch.allclose(clone(x)[0], expected, atol=TOL, rtol=0)
         assert clone._fused_early(clone.conv_layers(), x) is None and clone._fused_embed(x) is None
+
+
+def test_a_build_that_refuses_the_fused_ops_falls_back_to_the_modules(yamnet_model, monkeypatch):
+    """The fused path uses oneDNN ops outside torch's stable API; losing them must cost speed, not results."""
+    model = copy.deepcopy(yamnet_model)
+    x = torch.randn(2, 1, 96, 64)
+    with torch.inference_mode():
+        expected = model(x)[0]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mkldnn::_convolution_pointwise is not available in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuse)
+    clone = copy.deepcopy(yamnet_model)
+    with torch.inference_mode():
+        got = clone(x)[0]
+    assert clone.fused_inference is False
+    assert torch.allclose(got, expected, atol=TOL, rtol=0)
