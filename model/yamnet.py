@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from model import sead_onnx
-from model.yamnet_fused import FusedFeatures, fused_path_applies
+from model.yamnet_fused import FusedFeatures, fused_path_applies, same_padding
 from model.weights_cache import (
     atomic_write_bytes,
     read_sidecar,
@@ -76,16 +76,6 @@ YAMNET_PATCH_CHUNK = 64
 FUSED_LATE_FROM = 12
 FUSED_EARLY_CHUNK = 20  # patches: one 10-s clip
 FUSED_LATE_CHUNK = 640  # patches: 640 x 512 x 6 x 4 floats = 31.5 MB, under glibc's 32 MB mmap ceiling
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow 'SAME' padding (extra pixel at the end), which YAMNet was trained with.
-
-    PyTorch's symmetric ``padding=`` cannot express the asymmetric case of stride-2 layers.
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
 
 
 class ConvReLU(nn.Module):

@@ -70,7 +70,11 @@ class FusedConv:
         )
 
 
-def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding (extra pixel at the end), which YAMNet was trained with.
+
+    PyTorch's symmetric ``padding=`` cannot express the asymmetric case of stride-2 layers.
+    """
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
@@ -78,7 +82,7 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def _one_axis(size: int, kernel: int, stride: int) -> tuple[int, int, bool]:
     """(symmetric padding, leading zero taps to add, needs an explicit pad) for one spatial axis."""
-    before, after = _same_pads(size, kernel, stride)
+    before, after = same_padding(size, kernel, stride)
     if before == after:
         return before, 0, False
     if after == before + 1:
@@ -114,8 +118,8 @@ def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int, pack
         pre_pad = None
         size = [batch, conv.in_channels, height, width]
         if conv.in_channels == 1 and (lead_h or lead_w) or explicit_h or explicit_w:
-            top, bottom = _same_pads(height, kh, sh)
-            left, right = _same_pads(width, kw, sw)
+            top, bottom = same_padding(height, kh, sh)
+            left, right = same_padding(width, kw, sw)
             pre_pad, padding = (left, right, top, bottom), [0, 0]
             size = [batch, conv.in_channels, height + top + bottom, width + left + right]
         else:
@@ -126,8 +130,7 @@ def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int, pack
                 weight = grown
         stride = [sh, sw]
         packed = _pack(weight, padding, stride, conv.groups, size) if pack else weight.contiguous()
-        plan.append(FusedConv(packed, bias.contiguous(),
-                              padding, stride, conv.groups, pre_pad))
+        plan.append(FusedConv(packed, bias.contiguous(), padding, stride, conv.groups, pre_pad))
         height, width = -(-height // sh), -(-width // sw)
     return plan
 
