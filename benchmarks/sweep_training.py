@@ -69,9 +69,9 @@ def main() -> None:
     base = _kv(args.set)
     params0 = load_params(overrides=base)
     enc = params0["model"]["text_encoder"]
-    untrained = build_model(params0, enc, TextEmbeddingCache(args.text_emb, enc))
-    untrained.text_centroids = text_centroids_for(params0, read_manifest(args.dataset),
-                                                  TextEmbeddingCache(args.text_emb, enc))
+    cache0 = TextEmbeddingCache(args.text_emb, enc)
+    untrained = build_model(params0, enc, cache0)
+    untrained.text_centroids = text_centroids_for(params0, read_manifest(args.dataset), cache0)
     rows.append(("untrained", "", val_scores(untrained, params0, Path(args.dataset), Path(args.text_emb), enc)))
     for spec in args.config:
         name, _, kvs = spec.partition(":")

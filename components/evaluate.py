@@ -91,7 +91,8 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ev = params["evaluate"]
-    clips = [c for c in read_manifest(dataset_dir) if c.split == "test"]
+    all_clips = read_manifest(dataset_dir)
+    clips = [c for c in all_clips if c.split == "test"]
     if not clips:
         raise ValueError("the test split is empty")
     languages = sorted({lang for c in clips for lang in c.captions})
@@ -106,7 +107,7 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
                                       int(ev["chance_seed"]))})
 
     untrained = build_model(params, params["model"]["text_encoder"], main_cache)
-    untrained.text_centroids = text_centroids_for(params, read_manifest(dataset_dir), main_cache)
+    untrained.text_centroids = text_centroids_for(params, all_clips, main_cache)
     systems: list[tuple[str, CacaraModel, TextEmbeddingCache]] = [
         ("untrained", untrained, main_cache),
         ("trained", load_model(model_dir), main_cache)]
@@ -175,11 +176,7 @@ def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions:
             if others else None,
             "languages": len(mine)}
     t, u = out["trained"].get(training_language), out["untrained"].get(training_language)
-    trained_by = {r["language"]: r for r in rows if r["system"] == "trained"}
-    en_by = {r["language"]: r for r in rows if r["system"] == "trained_english_only"}
-    other = [lang for lang in trained_by if not _same_language(lang, training_language) and lang in en_by]
-    # The claim under test is about languages the frozen tower knows; the others are reported apart.
-    known = [lang for lang in other if trained_by[lang]["supported"] is not False]
+    trained_by, en_by, other, known = _compared_languages(rows, training_language)
     out["checks"] = {
         "trained_beats_untrained_en_t2a_R@1": bool(t and u and t["t2a_R@1"] > u["t2a_R@1"]),
         "other_languages_known_to_tower": len(known),
@@ -194,6 +191,20 @@ def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions:
     return out
 
 
+def _compared_languages(rows: list[dict[str, Any]], training_language: str
+                        ) -> tuple[dict[str, dict], dict[str, dict], list[str], list[str]]:
+    """(trained rows, English-only rows, other languages both have, those the tower claims).
+
+    The claim under test is about languages the frozen tower knows; the others are reported apart.
+    ``rows`` must already be limited to languages with enough test captions.
+    """
+    trained_by = {r["language"]: r for r in rows if r["system"] == "trained"}
+    en_by = {r["language"]: r for r in rows if r["system"] == "trained_english_only"}
+    other = [lang for lang in trained_by if not _same_language(lang, training_language) and lang in en_by]
+    known = [lang for lang in other if trained_by[lang]["supported"] is not False]
+    return trained_by, en_by, other, known
+
+
 def _significance(rows: list[dict[str, Any]], training_language: str, path: Path, ev: dict[str, Any]
                   ) -> dict[str, Any]:
     """Paired bootstrap of trained minus English-only t2a R@1 per language the tower knows.
@@ -202,13 +213,11 @@ def _significance(rows: list[dict[str, Any]], training_language: str, path: Path
     wholly below zero: with 29 test clips a one-clip difference is noise, and this says which
     differences are not.
     """
-    by = {(r["system"], r["language"]): r for r in rows}
-    known = sorted(r["language"] for r in rows if r["system"] == "trained" and r["supported"] is not False
-                   and r["n_texts"] >= int(ev["min_captions"]) and ("trained_english_only", r["language"]) in by
-                   and not _same_language(r["language"], training_language))
+    rows = [r for r in rows if r["n_texts"] >= int(ev["min_captions"])]
+    trained_by, en_by, _, known = _compared_languages(rows, training_language)
     above, below, table = [], [], []
-    for lang in known:
-        t, e = by[("trained", lang)], by[("trained_english_only", lang)]
+    for lang in sorted(known):
+        t, e = trained_by[lang], en_by[lang]
         diff, lo, hi = paired_bootstrap(t["_t2a_hits"], e["_t2a_hits"], t["_owners"], int(ev["bootstrap_draws"]),
                                         int(ev["bootstrap_seed"]), float(ev["bootstrap_confidence"]))
         table.append({"language": lang, "trained_minus_english_only_t2a_R@1": round(diff, 3),

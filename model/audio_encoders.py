@@ -165,26 +165,23 @@ class YamnetAudioEncoder(AudioEncoder):
     def classifier_layer(self) -> nn.Linear:
         return self.yamnet.classifier
 
+    def _patch_embeddings(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-patch embeddings [B, P, 1024] and the mask [B, P] of patches the clip's own samples produce."""
+        lengths = _check_batch(waveforms, lengths)
+        patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
+        batch, num = patches.shape[:2]
+        emb = self.yamnet.embed(patches.flatten(0, 1)).view(batch, num, -1)
+        keep = torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
+        return emb, keep
+
     def embed_and_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both clip-level outputs from one pass: [B, 1024] and [B, 521]."""
-        lengths = _check_batch(waveforms, lengths)
-        patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
-        batch, num = patches.shape[:2]
-        emb, logits = self.yamnet(patches.flatten(0, 1))
-        keep = self._keep(patches, lengths)
-        return masked_mean(emb.view(batch, num, -1), keep), masked_mean(logits.view(batch, num, -1), keep)
-
-    def _keep(self, patches: Tensor, lengths: Tensor) -> Tensor:
-        """[B, P] True for the patches a clip's own samples produce (the rest is batch padding)."""
-        num = patches.shape[1]
-        return torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
+        emb, keep = self._patch_embeddings(waveforms, lengths)
+        return masked_mean(emb, keep), masked_mean(self.yamnet.classifier(emb), keep)
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
-        lengths = _check_batch(waveforms, lengths)
-        patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
-        batch, num = patches.shape[:2]
-        emb = self.yamnet.embed(patches.flatten(0, 1))  # the logits are not needed: skip the classifier
-        return masked_mean(emb.view(batch, num, -1), self._keep(patches, lengths))
+        emb, keep = self._patch_embeddings(waveforms, lengths)  # the logits are not needed: no classifier
+        return masked_mean(emb, keep)
 
     def class_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.embed_and_logits(waveforms, lengths)[1]

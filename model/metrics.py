@@ -28,6 +28,17 @@ def _pessimistic_ranks(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     return np.where(relevant, ge, 0)
 
 
+def _similarity(text_emb: np.ndarray, audio_emb: np.ndarray) -> np.ndarray:
+    return np.asarray(text_emb, dtype=np.float64) @ np.asarray(audio_emb, dtype=np.float64).T
+
+
+def _t2a_ranks(sim: np.ndarray, text_clip: np.ndarray) -> np.ndarray:
+    """Pessimistic rank of each caption's own clip among all clips ([T, A] similarities)."""
+    relevant = np.zeros_like(sim, dtype=bool)
+    relevant[np.arange(len(text_clip)), text_clip] = True
+    return _pessimistic_ranks(sim, relevant)[np.arange(len(text_clip)), text_clip]
+
+
 def _ap_at(ranks_rel: list[np.ndarray], k: int) -> np.ndarray:
     """Average precision at k for each query given the sorted ranks of its relevant items."""
     out = np.zeros(len(ranks_rel))
@@ -50,11 +61,9 @@ def retrieval_metrics(text_emb: np.ndarray, audio_emb: np.ndarray, text_clip: Se
     text->audio but are not audio->text queries.
     """
     text_clip = np.asarray(text_clip, dtype=np.int64)
-    sim = np.asarray(text_emb, dtype=np.float64) @ np.asarray(audio_emb, dtype=np.float64).T  # [T, A]
+    sim = _similarity(text_emb, audio_emb)  # [T, A]
     n_text, n_audio = sim.shape
-    rel_t2a = np.zeros_like(sim, dtype=bool)
-    rel_t2a[np.arange(n_text), text_clip] = True
-    t2a_rank = _pessimistic_ranks(sim, rel_t2a)[np.arange(n_text), text_clip]
+    t2a_rank = _t2a_ranks(sim, text_clip)
 
     sim_a = sim.T  # [A, T]
     queries = np.unique(text_clip)
@@ -76,11 +85,7 @@ def retrieval_metrics(text_emb: np.ndarray, audio_emb: np.ndarray, text_clip: Se
 
 def t2a_hits(text_emb: np.ndarray, audio_emb: np.ndarray, text_clip: Sequence[int], k: int = 1) -> np.ndarray:
     """Per caption, whether its clip ranks within the top ``k`` (the terms ``t2a_R@k`` averages)."""
-    text_clip = np.asarray(text_clip, dtype=np.int64)
-    sim = np.asarray(text_emb, dtype=np.float64) @ np.asarray(audio_emb, dtype=np.float64).T
-    relevant = np.zeros_like(sim, dtype=bool)
-    relevant[np.arange(len(text_clip)), text_clip] = True
-    return _pessimistic_ranks(sim, relevant)[np.arange(len(text_clip)), text_clip] <= k
+    return _t2a_ranks(_similarity(text_emb, audio_emb), np.asarray(text_clip, dtype=np.int64)) <= k
 
 
 def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, text_clip: Sequence[int], draws: int, seed: int,
@@ -92,15 +97,12 @@ def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, text_clip: Sequence
     split one clip moves R@1 by 3.4 points, so a per-language win is only evidence when the interval
     excludes zero.
     """
-    text_clip = np.asarray(text_clip, dtype=np.int64)
+    _, owner = np.unique(np.asarray(text_clip, dtype=np.int64), return_inverse=True)
     a, b = np.asarray(hits_a, dtype=np.float64), np.asarray(hits_b, dtype=np.float64)
-    clips = np.unique(text_clip)
-    members = [np.flatnonzero(text_clip == c) for c in clips]
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(draws)
-    for i in range(draws):
-        idx = np.concatenate([members[j] for j in rng.integers(0, len(clips), len(clips))])
-        diffs[i] = a[idx].mean() - b[idx].mean()
+    # Per clip: hits of each system and caption count; a resample is a multiset of clips.
+    a_sum, b_sum, count = (np.bincount(owner, weights=w) for w in (a, b, np.ones_like(a)))
+    draw = np.random.default_rng(seed).integers(0, len(count), (draws, len(count)))
+    diffs = (a_sum[draw].sum(axis=1) - b_sum[draw].sum(axis=1)) / count[draw].sum(axis=1)
     tail = (1.0 - confidence) / 2
     lo, hi = np.quantile(diffs, [tail, 1.0 - tail])
     return float(100 * (a.mean() - b.mean())), float(100 * lo), float(100 * hi)

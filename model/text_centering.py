@@ -91,6 +91,9 @@ class TextCentroids:
         path = Path(directory) / FILE
         if sha256 is None:
             return cls("none")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing, but the model's config.json records its sha256: "
+                                    "the model folder is incomplete")
         if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
             raise ValueError(f"{path} does not match its recorded sha256 (corrupt or replaced)")
         with np.load(path, allow_pickle=False) as data:

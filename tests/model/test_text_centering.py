@@ -76,6 +76,9 @@ def test_save_load_round_trip_and_tamper_check(tmp_path):
     path.write_bytes(path.read_bytes()[:-3] + b"xyz")
     with pytest.raises(ValueError, match="sha256"):
         TextCentroids.load(tmp_path, sha)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        TextCentroids.load(tmp_path, sha)
 
 
 def test_test_split_text_never_feeds_the_means():
