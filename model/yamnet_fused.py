@@ -15,6 +15,11 @@ single weight or the arithmetic:
   The stem, whose input has one channel, pads explicitly instead: that copy is tiny and the 3x3
   kernel is faster than a 4x4 one there.
 * Weights are reordered once into oneDNN's blocked layout for the input size they will see.
+* 1x1 convolutions run as oneDNN matmuls with ReLU fused (``torch.ops.mkldnn._linear_pointwise``): a
+  channels-last activation already is the [pixels, channels] matrix, and on the 6x4 and 3x2 maps the
+  matmul kernel beat oneDNN's 1x1 convolution kernel by 3-6 % (benchmarks/yamnet_speed.py).
+* The stem's explicit pad can be applied once to a whole batch (:func:`pad_for_stem`) instead of
+  once per chunk.
 
 The plan is rebuilt whenever a parameter changes (tracked by each tensor's version counter), so a
 model evaluated between training epochs never runs stale weights. Only CPU float32 without autocast
@@ -36,8 +41,12 @@ _DILATION = [1, 1]
 
 
 def fused_ops_available() -> bool:
-    """oneDNN's fused conv op ships in x86-64 and aarch64 Linux wheels; other builds fall back."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """oneDNN's fused conv and matmul ops ship in x86-64 and aarch64 Linux wheels; other builds fall back."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 def fused_path_applies(x: Tensor) -> bool:
@@ -70,6 +79,21 @@ class FusedConv:
         )
 
 
+@dataclass(frozen=True)
+class FusedPointwise:
+    """One 1x1 conv+ReLU as a oneDNN matmul on the [pixels, channels] view of a channels-last map."""
+
+    weight: Tensor  # [out, in], packed for the pixel count of its plan where the build allows
+    bias: Tensor
+    out_channels: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when x is channels-last
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "relu", [], "")
+        return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME' padding (extra pixel at the end), which YAMNet was trained with.
 
@@ -90,6 +114,45 @@ def _one_axis(size: int, kernel: int, stride: int) -> tuple[int, int, bool]:
     return 0, 0, True  # not reachable for 3x3 kernels; handled by an explicit pad
 
 
+def _explicit_pad(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """(left, right, top, bottom) where ``conv`` pads its input explicitly on a height x width map, else None.
+
+    Only layers whose 'SAME' padding a symmetric one cannot express pad explicitly: the one-channel
+    stem at stride 2 (a grown 4x4 kernel is slower there than a copy of its small input) and
+    kernels whose padding differs by more than one (not reachable for YAMNet's 3x3 kernels).
+    """
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    _, lead_h, explicit_h = _one_axis(height, kh, sh)
+    _, lead_w, explicit_w = _one_axis(width, kw, sw)
+    if conv.in_channels == 1 and (lead_h or lead_w) or explicit_h or explicit_w:
+        top, bottom = same_padding(height, kh, sh)
+        left, right = same_padding(width, kw, sw)
+        return left, right, top, bottom
+    return None
+
+
+def pad_for_stem(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, bool]:
+    """(x padded for ``conv``, True) where ``conv`` pads explicitly on x, else (x, False).
+
+    Padding a whole batch once costs one copy; padding each chunk cost a call and a copy per chunk
+    (about 2 % of the YAMNet forward at 32 clips).
+    """
+    pad = _explicit_pad(conv, x.shape[-2], x.shape[-1])
+    if pad is None:
+        return x, False
+    return nn.functional.pad(x, pad), True
+
+
+def _pack_linear(weight: Tensor, rows: int) -> Tensor:
+    """A 1x1 conv's weight as a [out, in] matrix in oneDNN's layout for ``rows`` pixels, or plain."""
+    matrix = weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(matrix, rows)
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:  # pragma: no cover - build specific
+        logger.debug("linear weight pre-packing unavailable (%s); using plain weights", exc)
+        return matrix
+
+
 def _pack(weight: Tensor, padding: list[int], stride: list[int], groups: int, input_size: list[int]) -> Tensor:
     """Weight in oneDNN's preferred blocked layout for this input size, or as is if the build lacks it."""
     try:
@@ -101,28 +164,38 @@ def _pack(weight: Tensor, padding: list[int], stride: list[int], groups: int, in
         return weight.contiguous()
 
 
-def build_plan(convs: list[nn.Conv2d], batch: int, height: int, width: int, pack: bool = True) -> list[FusedConv]:
+def build_plan(
+    convs: list[nn.Conv2d], batch: int, height: int, width: int, pack: bool = True, prepadded: bool = False
+) -> list[FusedConv | FusedPointwise]:
     """Fused ops for ``convs`` (in order, each followed by ReLU, TF 'SAME' padded) on [batch, C, height, width].
 
     ``pack`` reorders the weights for exactly this input shape: about 10 ms once, then each call
     skips oneDNN's per-call weight reorder. Packed weights used on another batch size stay correct
     but get reordered on every call (measured: 2 -> 33 ms at one patch), so a plan is per shape.
+    ``prepadded`` says the input already carries the first layer's explicit pad (:func:`pad_for_stem`);
+    ``height`` and ``width`` are still the unpadded size.
     """
-    plan: list[FusedConv] = []
-    for conv in convs:
+    plan: list[FusedConv | FusedPointwise] = []
+    for index, conv in enumerate(convs):
         (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
         weight = conv.weight.detach()
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
-        ph, lead_h, explicit_h = _one_axis(height, kh, sh)
-        pw, lead_w, explicit_w = _one_axis(width, kw, sw)
-        pre_pad = None
+        if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and conv.groups == 1:
+            rows = batch * height * width
+            packed = _pack_linear(weight, rows) if pack else weight.reshape(weight.shape[:2]).contiguous()
+            plan.append(FusedPointwise(packed, bias.contiguous(), conv.out_channels))
+            continue
+        pre_pad = _explicit_pad(conv, height, width)
         size = [batch, conv.in_channels, height, width]
-        if conv.in_channels == 1 and (lead_h or lead_w) or explicit_h or explicit_w:
-            top, bottom = same_padding(height, kh, sh)
-            left, right = same_padding(width, kw, sw)
-            pre_pad, padding = (left, right, top, bottom), [0, 0]
+        if pre_pad is not None:
+            left, right, top, bottom = pre_pad
+            padding = [0, 0]
             size = [batch, conv.in_channels, height + top + bottom, width + left + right]
+            if index == 0 and prepadded:
+                pre_pad = None
         else:
+            ph, lead_h, _ = _one_axis(height, kh, sh)
+            pw, lead_w, _ = _one_axis(width, kw, sw)
             padding = [ph, pw]
             if lead_h or lead_w:
                 grown = weight.new_zeros(weight.shape[0], weight.shape[1], kh + lead_h, kw + lead_w)
@@ -154,13 +227,14 @@ class FusedFeatures:
 
     def __init__(self) -> None:
         self._weights_key: tuple = ()
-        self._packed: OrderedDict[tuple[int, ...], list[FusedConv]] = OrderedDict()
-        self._plain: dict[tuple[int, int], list[FusedConv]] = {}
-        self._seen: Counter[tuple[int, ...]] = Counter()
+        self._packed: OrderedDict[tuple[int, int, int, bool], list[FusedConv | FusedPointwise]] = OrderedDict()
+        self._plain: dict[tuple[int, int, bool], list[FusedConv | FusedPointwise]] = {}
+        self._seen: Counter[tuple[int, int, int, bool]] = Counter()
 
-    def __call__(self, convs: list[nn.Conv2d], x: Tensor) -> Tensor | None:
+    def __call__(self, convs: list[nn.Conv2d], x: Tensor, unpadded: tuple[int, int] | None = None) -> Tensor | None:
         """Features of ``x``, or None when the weights cannot be tracked (the caller runs the modules).
 
+        ``unpadded`` is the (height, width) before :func:`pad_for_stem` where ``x`` comes padded by it.
         Weights created under ``torch.inference_mode`` carry no version counter, so a cached plan
         could not notice them change: those models take the module path.
         """
@@ -173,27 +247,30 @@ class FusedFeatures:
             self.__init__()
             self._weights_key = weights_key
         h = x.contiguous(memory_format=torch.channels_last)
-        for op in self._plan_for(convs, tuple(x.shape)):
+        batch = x.shape[0]
+        height, width = unpadded if unpadded is not None else x.shape[-2:]
+        for op in self._plan_for(convs, (batch, height, width, unpadded is not None)):
             h = op(h)
         return h
 
-    def _plan_for(self, convs: list[nn.Conv2d], shape: tuple[int, ...]) -> list[FusedConv]:
-        plan = self._packed.get(shape)
+    def _plan_for(self, convs: list[nn.Conv2d], key: tuple[int, int, int, bool]) -> list[FusedConv | FusedPointwise]:
+        """The plan for (batch, unpadded height, unpadded width, input pre-padded)."""
+        plan = self._packed.get(key)
         if plan is not None:
-            self._packed.move_to_end(shape)
+            self._packed.move_to_end(key)
             return plan
         if len(self._seen) >= self._MAX_COUNTED:
             self._seen.clear()
-        self._seen[shape] += 1
-        batch, height, width = shape[0], shape[-2], shape[-1]
-        if self._seen[shape] >= self.PACK_AFTER:
+        self._seen[key] += 1
+        batch, height, width, prepadded = key
+        if self._seen[key] >= self.PACK_AFTER:
             if len(self._packed) >= self.MAX_PACKED:
                 self._packed.popitem(last=False)
-            plan = self._packed[shape] = build_plan(convs, batch, height, width, pack=True)
+            plan = self._packed[key] = build_plan(convs, batch, height, width, pack=True, prepadded=prepadded)
             return plan
-        plain = self._plain.get((height, width))
+        plain = self._plain.get(key[1:])
         if plain is None:
-            plain = self._plain[(height, width)] = build_plan(convs, batch, height, width, pack=False)
+            plain = self._plain[key[1:]] = build_plan(convs, batch, height, width, pack=False, prepadded=prepadded)
         return plain
 
     def __getstate__(self) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.yamnet import FUSED_LATE_CHUNK
-from model.yamnet_fused import build_plan, fused_ops_available
+from model.yamnet_fused import FusedPointwise, build_plan, fused_ops_available, pad_for_stem
 
 pytestmark = pytest.mark.skipif(not fused_ops_available(), reason="this torch build has no oneDNN fused conv")
 
@@ -56,6 +56,38 @@ def test_stride2_rewrite_grows_kernel_with_a_zero_leading_tap(yamnet_model):
         assert op.padding == [1, 1] and op.pre_pad is None
 
 
+def test_stem_padded_once_for_the_batch_equals_padding_per_chunk(yamnet_model):
+    """pad_for_stem + a prepadded plan must be the per-chunk explicit pad, to the bit."""
+    convs = yamnet_model.conv_layers()[:3]
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 96, 64)
+    padded, was_padded = pad_for_stem(convs[0], x)
+    assert was_padded and padded.shape == (5, 1, 97, 65)
+    per_chunk = build_plan(convs, 5, 96, 64, pack=False)
+    once = build_plan(convs, 5, 96, 64, pack=False, prepadded=True)
+    assert once[0].pre_pad is None and per_chunk[0].pre_pad == (0, 1, 0, 1)
+    with torch.no_grad():
+        a, b = x.contiguous(memory_format=torch.channels_last), padded
+        for op_a, op_b in zip(per_chunk, once):
+            a, b = op_a(a), op_b(b)
+    assert torch.equal(a, b)
+    odd = torch.randn(2, 1, 95, 63)  # stride-2 'SAME' on odd sizes is symmetric: nothing to pad
+    assert pad_for_stem(convs[0], odd) == (odd, False)
+
+
+def test_pointwise_layers_run_as_matmuls_equal_to_the_conv(yamnet_model):
+    """1x1 layers take the oneDNN matmul; it must equal conv + ReLU on a channels-last map."""
+    convs = yamnet_model.conv_layers()
+    pointwise = [(i, c) for i, c in enumerate(convs) if c.kernel_size == (1, 1)]
+    plan = build_plan(convs, batch=2, height=96, width=64)
+    assert len(pointwise) == 13 and all(isinstance(plan[i], FusedPointwise) for i, _ in pointwise)
+    i, conv = pointwise[-1]
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, 3, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(plan[i](x), torch.relu(conv(x)), atol=1e-4, rtol=1e-5)  # |values| reach ~100
+
+
 def test_plan_follows_weight_updates(yamnet_model):
     """A model evaluated between training steps must never run stale packed weights."""
     model = copy.deepcopy(yamnet_model)
@@ -90,11 +122,12 @@ def test_shapes_that_come_back_get_packed_plans_and_old_ones_are_dropped(yamnet_
             out = model(torch.ones(3, 1, 96, 64))[0]
             reference = out if reference is None else reference
             assert torch.allclose(out, reference, atol=TOL, rtol=0)
-        assert (3, 1, 96, 64) in cache._packed
+        key = (3, 96, 64, True)  # batch, unpadded size, stem padded once for the whole batch
+        assert key in cache._packed
         for n in range(4, 4 + cache.MAX_PACKED):
             for _ in range(cache.PACK_AFTER):
                 model(torch.ones(n, 1, 96, 64))
-        assert len(cache._packed) == cache.MAX_PACKED and (3, 1, 96, 64) not in cache._packed
+        assert len(cache._packed) == cache.MAX_PACKED and key not in cache._packed
 
 
 def test_model_with_warm_plan_copies_and_pickles(yamnet_model):
