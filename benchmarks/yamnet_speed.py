@@ -92,6 +92,9 @@ class Row:
     clips_per_s: float
     max_abs_diff: float | None
     reference: bool  # the PyTorch contender the others are compared with
+    #: PyTorch / this from each repeat's own pair of runs: (25th percentile, median, 75th percentile).
+    #: Paired ratios cancel load that hits both runs of a repeat, which the ratio of medians cannot.
+    paired_ratio: tuple[float, float, float] | None = None
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -182,7 +185,12 @@ def rows_for(
         med = statistics.median(times[c.name])
         ref, out = outputs[reference], outputs[c.name]
         diff = float(np.max(np.abs(ref - out))) if ref.shape == out.shape and ref.dtype == out.dtype else None
-        rows.append(Row(section, batch, c.name, med, batch / med, diff, c.name == reference))
+        paired = None
+        if c.name != reference:
+            ratios = np.asarray(times[c.name]) / np.asarray(times[reference])
+            p25, p50, p75 = np.percentile(ratios, [25, 50, 75])
+            paired = (float(p25), float(p50), float(p75))
+        rows.append(Row(section, batch, c.name, med, batch / med, diff, c.name == reference, paired))
         logger.info("%-10s batch %2d  %-34s median %8.4f s  %7.2f clips/s", section, batch, c.name, med, batch / med)
     return rows
 
@@ -269,21 +277,25 @@ def render(rows: list[Row], meta: dict[str, str]) -> str:
         "Produced by `benchmarks/yamnet_speed.py`. A clip is 10 s of real audio at 16 kHz = 20 patches "
         "[1, 96, 64]. Clips/s from the median of the interleaved repeats; **ratio = PyTorch clips/s / "
         "onnxruntime clips/s** against the onnxruntime row(s) of the same section and batch "
-        "(> 1: PyTorch faster). max |diff| is the largest absolute difference from the PyTorch output "
+        "(> 1: PyTorch faster). The paired column takes the ratio within each repeat (the contenders "
+        "run back to back) and gives its median and interquartile range over the repeats. max |diff| is the largest absolute difference from the PyTorch output "
         "(embeddings; the shipped uint8 graph outputs class scores only, so n/a).",
         "",
         *(f"- {k}: {v}" for k, v in meta.items()),
         "",
-        "| section | batch (clips) | contender | median s/batch | clips/s | PyTorch / this | max abs diff |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| section | batch (clips) | contender | median s/batch | clips/s | PyTorch / this "
+        "| paired PyTorch / this: median [IQR] | max abs diff |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         same = [x for x in rows if x.section == r.section and x.batch == r.batch]
         torch_row = next(x for x in same if x.reference)
         ratio = "" if r is torch_row else f"{torch_row.clips_per_s / r.clips_per_s:.2f}"
+        paired = "" if r.paired_ratio is None else "{1:.2f} [{0:.2f}, {2:.2f}]".format(*r.paired_ratio)
         diff = "n/a" if r.max_abs_diff is None else ("ref" if r is torch_row else f"{r.max_abs_diff:.1e}")
         lines.append(
-            f"| {r.section} | {r.batch} | {r.name} | {r.median_s:.4f} | {r.clips_per_s:.2f} | {ratio} | {diff} |"
+            f"| {r.section} | {r.batch} | {r.name} | {r.median_s:.4f} | {r.clips_per_s:.2f} | {ratio} | {paired} "
+            f"| {diff} |"
         )
     lines += [
         "",
