@@ -39,10 +39,11 @@ from cacara.data import ClipAudio  # noqa: E402
 from cacara.manifest import Clip, assign_split, read_manifest, split_fractions, write_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
 from cacara.runtime import tune_allocator  # noqa: E402
-from components.evaluate import _base_language, _compared_languages, _languages_of, evaluate, language_queries  # noqa: E402,E501
+from components.evaluate import (_compared_languages, _languages_of, _system_rows, evaluate,  # noqa: E402
+                                 untrained_model)
 from components.train import train  # noqa: E402
-from model.cacara_model import CacaraModel, build_model, embed_waveforms, load_model, text_centroids_for  # noqa: E402
-from model.metrics import paired_bootstrap, t2a_hits  # noqa: E402
+from model.cacara_model import CacaraModel, embed_waveforms, load_model  # noqa: E402
+from model.metrics import paired_bootstrap  # noqa: E402
 from model.text_cache import TextEmbeddingCache  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "split_spread.md"
@@ -59,29 +60,29 @@ def resplit(dataset: Path, seed: int, fractions: dict[str, float], dest: Path) -
     write_manifest(clips, dest)
 
 
-def validation_hits(params: dict[str, Any], data: Path, text_emb: Path, models: dict[str, CacaraModel],
-                    ) -> tuple[dict[tuple[str, str], tuple[np.ndarray, list[str]]], set[str]]:
-    """Per (system, language) t2a hits on the split's validation clips, and the languages compared.
+Hits = dict[tuple[str, str], tuple[np.ndarray, list[str]]]
 
-    Same queries, centring and hit definition as ``evaluate`` on the test split.
-    """
+
+def hits_by_language(rows: list[dict[str, Any]], clip_ids: list[str]) -> Hits:
+    """(system, language) -> (per-caption t2a hits, clip id of each caption) from ``evaluate``-style rows."""
+    return {(r["system"], r["language"]): (np.asarray(r["_t2a_hits"], dtype=np.float64),
+                                           [clip_ids[i] for i in r["_owners"]])
+            for r in rows if r["system"] in POOLED_SYSTEMS}
+
+
+def validation_rows(params: dict[str, Any], data: Path, text_emb: Path, models: dict[str, CacaraModel],
+                    ) -> tuple[list[dict[str, Any]], list[str]]:
+    """``evaluate``'s per-language rows for the split's VALIDATION clips (no caption minimum: pooling
+    supplies the count), and those clips' ids."""
     clips: list[Clip] = [c for c in read_manifest(data) if c.split == "val"]
     waves = list(ClipAudio(data, clips, int(params["audio"]["sample_rate"])))
-    training_language = params["ingest"]["training_language"]
-    hits: dict[tuple[str, str], tuple[np.ndarray, list[str]]] = {}
     languages = sorted({lang for c in clips for lang in c.captions})
+    rows: list[dict[str, Any]] = []
     for system, model in models.items():
         cache = TextEmbeddingCache(text_emb, model.config["text_encoder"])
-        emb = embed_waveforms(model, waves)
-        for lang in languages:
-            texts, owners = language_queries(clips, lang)  # no caption minimum: pooling supplies the count
-            queries = model.text_centroids.apply(cache.get(texts), lang)
-            hits[(system, lang)] = (t2a_hits(queries, emb, owners).astype(np.float64),
-                                    [clips[i].clip_id for i in owners])
-    claimed = _languages_of(params["model"]["text_encoder"])
-    known = {lang for (system, lang) in hits if system == "trained" and lang.split("-")[0] != training_language
-             and ("trained_english_only", lang) in hits and (claimed is None or _base_language(lang) in claimed)}
-    return hits, known
+        rows += _system_rows(system, embed_waveforms(model, waves), cache, model.text_centroids, clips, languages,
+                             _languages_of(cache.encoder_name))
+    return rows, [c.clip_id for c in clips]
 
 
 def run_split(seed: int, dataset: Path, text_emb: Path, root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -93,20 +94,14 @@ def run_split(seed: int, dataset: Path, text_emb: Path, root: Path, overrides: d
     english = train(data, text_emb, root / "en", params,
                     text_encoder=params["evaluate"]["english_only_text_encoder"])
     result = evaluate(data, text_emb, root / "multi" / "model", root / "en" / "model", root / "eval", params)
-    test_ids = [c.clip_id for c in read_manifest(data) if c.split == "test"]
+    clips = read_manifest(data)
+    test_ids = [c.clip_id for c in clips if c.split == "test"]
     training_language = params["ingest"]["training_language"]
     rows = [r for r in result.rows if r["n_texts"] >= int(params["evaluate"]["min_captions"])]
-    _, _, other, known = _compared_languages(rows, training_language)
-    hits: dict[tuple[str, str], tuple[np.ndarray, list[str]]] = {}
-    for r in rows:
-        if r["system"] in POOLED_SYSTEMS:
-            hits[(r["system"], r["language"])] = (np.asarray(r["_t2a_hits"], dtype=np.float64),
-                                                  [test_ids[i] for i in r["_owners"]])
+    known = _compared_languages(rows, training_language)[3]
     checks = result.summary_metrics["checks"]
-    main_cache = TextEmbeddingCache(text_emb, params["model"]["text_encoder"])
-    untrained = build_model(params, params["model"]["text_encoder"], main_cache)
-    untrained.text_centroids = text_centroids_for(params, read_manifest(data), main_cache)
-    val_hits, val_known = validation_hits(params, data, text_emb, {
+    untrained = untrained_model(params, clips, TextEmbeddingCache(text_emb, params["model"]["text_encoder"]))
+    val_rows, val_ids = validation_rows(params, data, text_emb, {
         "untrained": untrained, "trained": load_model(root / "multi" / "model"),
         "trained_english_only": load_model(root / "en" / "model")})
     return {
@@ -117,9 +112,9 @@ def run_split(seed: int, dataset: Path, text_emb: Path, root: Path, overrides: d
         "not_beaten": ", ".join(checks["known_languages_where_english_only_is_not_beaten"]) or "none",
         "known": set(known),
         "training_language": training_language,
-        "hits": hits,
-        "val_hits": val_hits,
-        "val_known": val_known,
+        "hits": hits_by_language(rows, test_ids),
+        "val_hits": hits_by_language(val_rows, val_ids),
+        "val_known": set(_compared_languages(val_rows, training_language)[3]),
     }
 
 

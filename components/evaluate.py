@@ -85,6 +85,13 @@ def _system_rows(name: str, audio_emb: np.ndarray, cache: TextEmbeddingCache, ce
     return rows
 
 
+def untrained_model(params: dict[str, Any], all_clips: list[Clip], cache: TextEmbeddingCache) -> CacaraModel:
+    """The text-centric initialisation with the centring ``train`` would give it: the 'untrained' baseline."""
+    model = build_model(params, params["model"]["text_encoder"], cache)
+    model.text_centroids = text_centroids_for(params, all_clips, cache)
+    return model
+
+
 def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str | Path,
              english_only_model_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> EvaluateResult:
     """Score every system on every test-split language; write metrics.json, a CSV table and a plot."""
@@ -106,8 +113,7 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
                      **chance_metrics(owners, len(clips), main_cache.dim, int(ev["chance_draws"]),
                                       int(ev["chance_seed"]))})
 
-    untrained = build_model(params, params["model"]["text_encoder"], main_cache)
-    untrained.text_centroids = text_centroids_for(params, all_clips, main_cache)
+    untrained = untrained_model(params, all_clips, main_cache)
     systems: list[tuple[str, CacaraModel, TextEmbeddingCache]] = [
         ("untrained", untrained, main_cache),
         ("trained", load_model(model_dir), main_cache)]

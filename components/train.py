@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cacara.augment import augment_waveform
+from cacara.augment import WaveAugment
 from cacara.data import ClipAudio, batches, pad_batch
 from cacara.manifest import read_manifest
 from model.cacara_model import (CacaraModel, build_model, embed_waveforms, load_model, save_model,
@@ -186,6 +186,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     preempted node looks like; the next call resumes from it.
     """
     p = params["train"]
+    augment = WaveAugment(float(p["augment_gain_db"]), float(p["augment_shift_s"]))
     text_encoder = text_encoder or params["model"]["text_encoder"]
     lang = params["ingest"]["training_language"]
     out = Path(out_dir)
@@ -287,8 +288,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
         losses = []
         for idx in batches(len(perm), bs):
             chosen = [perm[i] for i in idx]
-            waves, lengths = pad_batch([augment_waveform(train_audio[i], sr, float(p["augment_gain_db"]),
-                                                         float(p["augment_shift_s"]), g) for i in chosen])
+            waves, lengths = pad_batch([augment(train_audio[i], sr, g) for i in chosen])
             texts = [train_caps[i][pick[i] % len(train_caps[i])] for i in chosen]
             target = torch.from_numpy(centroids.apply(cache.get(texts), lang)).to(dd.device)
             with _autocast(params, dd.device):

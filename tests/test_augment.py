@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cacara.augment import augment_waveform
+from cacara.augment import WaveAugment
 
 SR = 16000
 
@@ -17,14 +17,14 @@ def _wave() -> torch.Tensor:
 
 def test_both_knobs_off_returns_the_clip_untouched():
     w = _wave()
-    assert augment_waveform(w, SR, 0.0, 0.0, torch.Generator().manual_seed(1)) is w
+    assert WaveAugment()(w, SR, torch.Generator().manual_seed(1)) is w
 
 
 def test_gain_and_shift_stay_within_their_ranges_and_keep_the_sound():
     w = _wave()
     seen_pads, seen_gains = set(), []
     for seed in range(50):
-        out = augment_waveform(w, SR, 6.0, 0.25, torch.Generator().manual_seed(seed))
+        out = WaveAugment(6.0, 0.25)(w, SR, torch.Generator().manual_seed(seed))
         pad = out.numel() - w.numel()
         assert 0 <= pad <= SR // 4
         assert torch.count_nonzero(out[:pad]) == 0  # leading silence only
@@ -39,11 +39,13 @@ def test_gain_and_shift_stay_within_their_ranges_and_keep_the_sound():
 def test_same_generator_state_gives_the_same_variant():
     """A resumed run reseeds per epoch, so it must see exactly the variants an uninterrupted run saw."""
     w = _wave()
-    a = augment_waveform(w, SR, 6.0, 0.25, torch.Generator().manual_seed(7))
-    b = augment_waveform(w, SR, 6.0, 0.25, torch.Generator().manual_seed(7))
+    a = WaveAugment(6.0, 0.25)(w, SR, torch.Generator().manual_seed(7))
+    b = WaveAugment(6.0, 0.25)(w, SR, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
 def test_negative_ranges_are_refused():
     with pytest.raises(ValueError, match="must be >= 0"):
-        augment_waveform(_wave(), SR, -1.0, 0.0, torch.Generator())
+        WaveAugment(-1.0, 0.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        WaveAugment(0.0, -0.5)

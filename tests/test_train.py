@@ -47,8 +47,12 @@ def test_training_moves_the_weights_it_should_and_only_those(tiny_corpus, tmp_pa
     assert changed and all(k.startswith("head.") for k in changed)
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+def test_resume_after_interruption_gives_the_same_weights(tiny_corpus, tmp_path, augment):
+    """With augmentation on, the resumed run must also draw the very same gains and offsets."""
     dataset, text_emb, params = tiny_corpus
+    if augment:
+        params = {**params, "train": {**params["train"], "augment_gain_db": 6.0, "augment_shift_s": 0.3}}
     straight = train(dataset, text_emb, tmp_path / "straight", params)
     first = train(dataset, text_emb, tmp_path / "resumed", params, max_epochs_this_run=1)
     assert first.epochs_run == 1
@@ -76,6 +80,14 @@ def test_corrupt_checkpoint_is_refused(tiny_corpus, tmp_path):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="corrupt"):
         train(dataset, text_emb, tmp_path / "run", params)
+
+
+def test_negative_augmentation_range_fails_before_training(tiny_corpus, tmp_path):
+    dataset, text_emb, params = tiny_corpus
+    bad = {**params, "train": {**params["train"], "augment_gain_db": -3.0}}
+    with pytest.raises(ValueError, match="augmentation ranges must be >= 0"):
+        train(dataset, text_emb, tmp_path / "run", bad)
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_caption_embeddings_fail_before_training(tiny_corpus, tmp_path):
