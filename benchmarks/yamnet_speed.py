@@ -13,6 +13,8 @@ decoded to 16 kHz and tiled); each 10-s clip is 20 log-mel patches [1, 96, 64].
 (a) model only, patches -> per-patch embeddings:
     * PyTorch float (``load_yamnet``, eval, ``torch.inference_mode``: the fused CPU path of
       ``model/yamnet_fused.py``);
+    * the same fused path with every layer on oneDNN (``native_kernels=False``), to show what the C
+      kernels of ``model/native_kernels.py`` (stem and depthwise layers) buy;
     * the same PyTorch model running its modules as written (``fused_inference=False``), to show
       what the fused path buys;
     * onnxruntime on ``dequantised_graph`` (the export's float weights, flexible batch);
@@ -64,6 +66,7 @@ from model.sead_onnx import (  # noqa: E402
     quant_params,
     quantise_input,
 )
+from model import native_kernels  # noqa: E402
 from model.yamnet import Yamnet, load_yamnet  # noqa: E402
 
 logger = logging.getLogger("yamnet_speed")
@@ -205,16 +208,22 @@ def model_contenders(
     qp: QuantParams,
     patches: torch.Tensor,
 ) -> list[Contender]:
-    """Patches [B*20, 1, 96, 64] -> per-patch outputs, four ways."""
+    """Patches [B*20, 1, 96, 64] -> per-patch outputs, five ways."""
     patches_np = patches.numpy()
     modules = copy.deepcopy(yamnet)
     modules.fused_inference = False
+    onednn_only = copy.deepcopy(yamnet)
+    onednn_only.native_kernels = False
     quant_in = quantise_input(patches_np, qp)
     quant_name = quant_sess.get_inputs()[0].name
 
     def torch_float() -> np.ndarray:
         with torch.inference_mode():
             return yamnet(patches)[0].numpy()
+
+    def torch_onednn_only() -> np.ndarray:
+        with torch.inference_mode():
+            return onednn_only(patches)[0].numpy()
 
     def torch_modules() -> np.ndarray:
         with torch.inference_mode():
@@ -229,6 +238,7 @@ def model_contenders(
 
     return [
         Contender("PyTorch float", torch_float),
+        Contender("PyTorch float, every layer on oneDNN (native_kernels=False)", torch_onednn_only),
         Contender("PyTorch float, modules as written (fused_inference=False)", torch_modules),
         Contender("onnxruntime float (dequantised)", ort_float),
         Contender("onnxruntime uint8 as shipped (1 patch/call)", ort_quant),
@@ -258,6 +268,15 @@ def end_to_end_contenders(
 
 
 # --------------------------------------------------------------------------------------------- report
+
+
+def native_kernels_line() -> str:
+    """Which C kernels the PyTorch rows ran: built, with which compiler, or why not."""
+    kernels = native_kernels.load()
+    if kernels is None:
+        return "not loaded (no compiler, build failed, or CACARA_NATIVE_KERNELS=0): PyTorch rows ran oneDNN only"
+    cc = native_kernels.compiler() or "?"
+    return f"{kernels.path.name}, built by {native_kernels.compiler_version(cc)}"
 
 
 def cpu_model() -> str:
@@ -362,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": f"{args.threads} (torch.set_num_threads and onnxruntime intra_op_num_threads; ort inter-op 1)",
         "repeats": f"{args.repeats} timed (median), {args.warmup} warm-up, contenders interleaved per repeat",
         "audio": source,
+        "native kernels": native_kernels_line(),
         "allocator": "glibc defaults" if args.default_allocator else
         "cacara.runtime.tune_allocator() (as the CLI applies it; affects both contenders)",
         "load average": f"{load_before:.2f} at start of measurement (waited for <= {args.max_load}: "

@@ -132,12 +132,16 @@ class Yamnet(nn.Module):
         in_channels: int = YAMNET_PATCH_SHAPE[0],
         patch_chunk: int = YAMNET_PATCH_CHUNK,
         fused_inference: bool = True,
+        native_kernels: bool = True,
     ):
         super().__init__()
         self.patch_chunk = patch_chunk
         #: Without gradients on CPU, run the convolutions through ``model.yamnet_fused`` (same weights,
         #: same arithmetic, no separate ReLU/pad passes); False runs the modules as written.
         self.fused_inference = fused_inference
+        #: On the fused path, run the stem and depthwise layers through ``model/native_kernels`` where
+        #: its C kernels build (and ``CACARA_NATIVE_KERNELS`` allows); False keeps them on oneDNN.
+        self.native_kernels = native_kernels
         self._fused_early = FusedFeatures()
         self._fused_late = FusedFeatures()
         blocks: list[nn.Module] = []
@@ -190,14 +194,15 @@ class Yamnet(nn.Module):
         unpadded = (patches.shape[-2], patches.shape[-1])
         out = []
         for i in range(0, patches.shape[0], FUSED_LATE_CHUNK):
-            block, padded = pad_for_stem(early[0], patches[i:i + FUSED_LATE_CHUNK])
+            block, padded = pad_for_stem(early[0], patches[i:i + FUSED_LATE_CHUNK], native=self.native_kernels)
             parts = []
             for j in range(0, block.shape[0], FUSED_EARLY_CHUNK):
-                h = self._fused_early(early, block[j:j + FUSED_EARLY_CHUNK], unpadded if padded else None)
+                h = self._fused_early(early, block[j:j + FUSED_EARLY_CHUNK], unpadded if padded else None,
+                                      native=self.native_kernels)
                 if h is None:
                     return None
                 parts.append(h)
-            h = self._fused_late(late, parts[0] if len(parts) == 1 else torch.cat(parts))
+            h = self._fused_late(late, parts[0] if len(parts) == 1 else torch.cat(parts), native=self.native_kernels)
             if h is None:
                 return None
             out.append(h.mean(dim=(-2, -1)))

@@ -20,6 +20,10 @@ single weight or the arithmetic:
   matmul kernel beat oneDNN's 1x1 convolution kernel by 3-6 % (benchmarks/yamnet_speed.py).
 * The stem's explicit pad can be applied once to a whole batch (:func:`pad_for_stem`) instead of
   once per chunk.
+* Where ``model/native_kernels.py`` could build its C kernels, no layer goes through oneDNN: the stem
+  runs directly (:class:`NativeConv`) and each separable block is one fused call
+  (:class:`NativeSeparable`), one patch per thread, padding taps skipped rather than copied. That
+  took the network from 0.95x to above onnxruntime at 32 clips (benchmarks/yamnet_speed.py).
 
 The plan is rebuilt whenever a parameter changes (tracked by each tensor's version counter), so a
 model evaluated between training epochs never runs stale weights. Only CPU float32 without autocast
@@ -35,9 +39,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model import native_kernels
+from model.native_kernels import NativeKernels
+
 logger = logging.getLogger(__name__)
 
 _DILATION = [1, 1]
+KERNEL_3X3 = 3
+#: Run a depthwise + pointwise pair as one native call (:class:`NativeSeparable`).
+FUSE_SEPARABLE = True
+#: Merge consecutive native layers into one patch-by-patch call (:class:`NativeChain`).
+CHAIN_NATIVE = True
 
 
 def fused_ops_available() -> bool:
@@ -77,6 +89,141 @@ class FusedConv:
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, _DILATION, self.groups, "relu", [], ""
         )
+
+
+def _same_geometry(x: Tensor, stride: int) -> tuple[int, int, int, int]:
+    """(pad top, pad left, output height, output width) of a 3x3 'SAME' conv on x's map."""
+    h, w = x.shape[-2:]
+    return (same_padding(h, KERNEL_3X3, stride)[0], same_padding(w, KERNEL_3X3, stride)[0],
+            -(-h // stride), -(-w // stride))
+
+
+@dataclass(frozen=True)
+class NativeConv:
+    """A stem (one input channel) or depthwise 3x3 conv+ReLU through ``model/native_kernels``.
+
+    Padding is TF 'SAME' for whatever map size arrives, so one op serves every shape.
+    """
+
+    kernels: NativeKernels
+    taps: Tensor  # [9, out channels]: tap-major, so a tap's channel block is one vector load
+    bias: Tensor
+    stride: int
+    depthwise: bool
+
+    def __call__(self, x: Tensor) -> Tensor:
+        run = self.kernels.depthwise3x3_relu if self.depthwise else self.kernels.stem3x3_relu
+        return run(x.contiguous(memory_format=torch.channels_last), self.taps, self.bias, self.stride,
+                   *_same_geometry(x, self.stride))
+
+
+@dataclass(frozen=True)
+class NativeSeparable:
+    """A MobileNet separable block (depthwise 3x3 + ReLU, pointwise 1x1 + ReLU) in one native call.
+
+    The depthwise outputs of a few pixels go straight from an L1 buffer into the pointwise product,
+    so they never make a round trip through memory, and no oneDNN call (about 40 us each) is paid.
+    """
+
+    kernels: NativeKernels
+    taps: Tensor
+    dw_bias: Tensor
+    panels: Tensor  # pointwise weight packed by native_kernels.pack_panels
+    pw_bias: Tensor
+    stride: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.kernels.separable3x3_relu(
+            x.contiguous(memory_format=torch.channels_last), self.taps, self.dw_bias, self.panels, self.pw_bias,
+            self.stride, *_same_geometry(x, self.stride))
+
+
+@dataclass(frozen=True, eq=False)
+class NativeChain:
+    """Consecutive native layers run patch by patch in one call, activations kept in per-thread scratch.
+
+    Layer by layer, 20 patches of the 48x32x64 map (7.8 MB) go through memory between calls; a chain
+    carries each patch through all its layers inside a core's L2.
+    """
+
+    kernels: NativeKernels
+    layers: tuple[NativeConv | NativeSeparable, ...]
+    spec: native_kernels.ChainSpec
+
+    @classmethod
+    def of(cls, kernels: NativeKernels, layers: list[NativeConv | NativeSeparable]) -> NativeChain:
+        described = []
+        for op in layers:
+            if isinstance(op, NativeSeparable):
+                described.append((native_kernels.CHAIN_SEPARABLE, op.pw_bias.shape[0], op.stride,
+                                  (op.taps, op.dw_bias, op.panels, op.pw_bias)))
+            else:
+                kind = native_kernels.CHAIN_DEPTHWISE if op.depthwise else native_kernels.CHAIN_STEM
+                described.append((kind, op.bias.shape[0], op.stride, (op.taps, op.bias, None, None)))
+        first = layers[0]
+        in_channels = first.taps.shape[1] if not isinstance(first, NativeConv) or first.depthwise else 1
+        return cls(kernels, tuple(layers), native_kernels.ChainSpec.build(in_channels, described))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.kernels.chain_relu(x.contiguous(memory_format=torch.channels_last), self.spec)
+
+
+def _chained(kernels: NativeKernels, plan: list) -> list:
+    """``plan`` with every run of two or more native layers merged into one :class:`NativeChain`."""
+    merged: list = []
+    run: list[NativeConv | NativeSeparable] = []
+    for op in [*plan, None]:
+        if isinstance(op, (NativeConv, NativeSeparable)):
+            run.append(op)
+            continue
+        if len(run) > 1:
+            merged.append(NativeChain.of(kernels, run))
+        else:
+            merged.extend(run)
+        run = []
+        if op is not None:
+            merged.append(op)
+    return merged
+
+
+def native_separable_applies(depthwise: nn.Conv2d, pointwise: nn.Conv2d) -> bool:
+    """Whether the pair is a separable block the fused C kernel computes."""
+    return (
+        native_applies(depthwise)
+        and depthwise.groups > 1
+        and depthwise.out_channels <= native_kernels.MAX_SEPARABLE_IN
+        and pointwise.kernel_size == (1, 1)
+        and pointwise.stride == (1, 1)
+        and pointwise.groups == 1
+        and pointwise.in_channels == depthwise.out_channels
+        and pointwise.out_channels % native_kernels.PANEL == 0
+    )
+
+
+def _native_separable_op(kernels: NativeKernels, depthwise: nn.Conv2d, pointwise: nn.Conv2d) -> NativeSeparable:
+    dw = _native_op(kernels, depthwise)
+    pw_bias = pointwise.bias.detach() if pointwise.bias is not None else torch.zeros(pointwise.out_channels)
+    return NativeSeparable(kernels, dw.taps, dw.bias, native_kernels.pack_panels(pointwise.weight.detach()),
+                           pw_bias.contiguous(), dw.stride)
+
+
+def native_applies(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is a layer the C kernels compute: 3x3, undilated, square stride, and either
+    depthwise or from one input channel, over a multiple of their vector width of channels."""
+    if conv.kernel_size != (KERNEL_3X3, KERNEL_3X3) or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1]:
+        return False
+    if conv.padding_mode != "zeros" or conv.out_channels % native_kernels.LANES:
+        return False
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    stem = conv.in_channels == 1 and conv.groups == 1
+    return depthwise or stem
+
+
+def _native_op(kernels: NativeKernels, conv: nn.Conv2d) -> NativeConv:
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+    taps = weight.reshape(conv.out_channels, KERNEL_3X3 * KERNEL_3X3).t().contiguous()
+    return NativeConv(kernels, taps, bias.contiguous(), conv.stride[0], depthwise=conv.in_channels != 1)
 
 
 @dataclass(frozen=True)
@@ -131,12 +278,14 @@ def _explicit_pad(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, i
     return None
 
 
-def pad_for_stem(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, bool]:
+def pad_for_stem(conv: nn.Conv2d, x: Tensor, native: bool = False) -> tuple[Tensor, bool]:
     """(x padded for ``conv``, True) where ``conv`` pads explicitly on x, else (x, False).
 
     Padding a whole batch once costs one copy; padding each chunk cost a call and a copy per chunk
-    (about 2 % of the YAMNet forward at 32 clips).
+    (about 2 % of the YAMNet forward at 32 clips). A stem the native kernels run needs no pad at all.
     """
+    if native and native_applies(conv) and native_kernels.load() is not None:
+        return x, False
     pad = _explicit_pad(conv, x.shape[-2], x.shape[-1])
     if pad is None:
         return x, False
@@ -164,20 +313,41 @@ def _pack(weight: Tensor, padding: list[int], stride: list[int], groups: int, in
         return weight.contiguous()
 
 
+Op = FusedConv | FusedPointwise | NativeConv | NativeSeparable | NativeChain
+
+
 def build_plan(
-    convs: list[nn.Conv2d], batch: int, height: int, width: int, pack: bool = True, prepadded: bool = False
-) -> list[FusedConv | FusedPointwise]:
+    convs: list[nn.Conv2d], batch: int, height: int, width: int, pack: bool = True, prepadded: bool = False,
+    native: bool = False,
+) -> list[Op]:
     """Fused ops for ``convs`` (in order, each followed by ReLU, TF 'SAME' padded) on [batch, C, height, width].
 
     ``pack`` reorders the weights for exactly this input shape: about 10 ms once, then each call
     skips oneDNN's per-call weight reorder. Packed weights used on another batch size stay correct
     but get reordered on every call (measured: 2 -> 33 ms at one patch), so a plan is per shape.
     ``prepadded`` says the input already carries the first layer's explicit pad (:func:`pad_for_stem`);
-    ``height`` and ``width`` are still the unpadded size.
+    ``height`` and ``width`` are still the unpadded size. ``native`` runs the layers
+    :func:`native_applies` accepts through the C kernels where they load (never a pre-padded stem).
     """
-    plan: list[FusedConv | FusedPointwise] = []
+    kernels = native_kernels.load() if native else None
+    plan: list[Op] = []
+    skip_next = False
     for index, conv in enumerate(convs):
+        if skip_next:
+            skip_next = False
+            continue
         (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        following = convs[index + 1] if index + 1 < len(convs) else None
+        if (kernels is not None and FUSE_SEPARABLE and following is not None
+                and native_separable_applies(conv, following)):
+            plan.append(_native_separable_op(kernels, conv, following))
+            height, width = -(-height // sh), -(-width // sw)
+            skip_next = True
+            continue
+        if kernels is not None and native_applies(conv) and not (index == 0 and prepadded):
+            plan.append(_native_op(kernels, conv))
+            height, width = -(-height // sh), -(-width // sw)
+            continue
         weight = conv.weight.detach()
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
         if (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and conv.groups == 1:
@@ -205,7 +375,7 @@ def build_plan(
         packed = _pack(weight, padding, stride, conv.groups, size) if pack else weight.contiguous()
         plan.append(FusedConv(packed, bias.contiguous(), padding, stride, conv.groups, pre_pad))
         height, width = -(-height // sh), -(-width // sw)
-    return plan
+    return _chained(kernels, plan) if kernels is not None and CHAIN_NATIVE else plan
 
 
 class FusedFeatures:
@@ -227,14 +397,17 @@ class FusedFeatures:
 
     def __init__(self) -> None:
         self._weights_key: tuple = ()
-        self._packed: OrderedDict[tuple[int, int, int, bool], list[FusedConv | FusedPointwise]] = OrderedDict()
-        self._plain: dict[tuple[int, int, bool], list[FusedConv | FusedPointwise]] = {}
-        self._seen: Counter[tuple[int, int, int, bool]] = Counter()
+        self._packed: OrderedDict[tuple[int, int, int, bool, bool], list[Op]] = OrderedDict()
+        self._plain: dict[tuple[int, int, bool, bool], list[Op]] = {}
+        self._seen: Counter[tuple[int, int, int, bool, bool]] = Counter()
 
-    def __call__(self, convs: list[nn.Conv2d], x: Tensor, unpadded: tuple[int, int] | None = None) -> Tensor | None:
+    def __call__(
+        self, convs: list[nn.Conv2d], x: Tensor, unpadded: tuple[int, int] | None = None, native: bool = False
+    ) -> Tensor | None:
         """Features of ``x``, or None when the weights cannot be tracked (the caller runs the modules).
 
         ``unpadded`` is the (height, width) before :func:`pad_for_stem` where ``x`` comes padded by it.
+        ``native`` lets the plan use the C kernels (:func:`build_plan`).
         Weights created under ``torch.inference_mode`` carry no version counter, so a cached plan
         could not notice them change: those models take the module path.
         """
@@ -249,12 +422,12 @@ class FusedFeatures:
         h = x.contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
         height, width = unpadded if unpadded is not None else x.shape[-2:]
-        for op in self._plan_for(convs, (batch, height, width, unpadded is not None)):
+        for op in self._plan_for(convs, (batch, height, width, unpadded is not None, native)):
             h = op(h)
         return h
 
-    def _plan_for(self, convs: list[nn.Conv2d], key: tuple[int, int, int, bool]) -> list[FusedConv | FusedPointwise]:
-        """The plan for (batch, unpadded height, unpadded width, input pre-padded)."""
+    def _plan_for(self, convs: list[nn.Conv2d], key: tuple[int, int, int, bool, bool]) -> list[Op]:
+        """The plan for (batch, unpadded height, unpadded width, input pre-padded, native kernels allowed)."""
         plan = self._packed.get(key)
         if plan is not None:
             self._packed.move_to_end(key)
@@ -262,15 +435,17 @@ class FusedFeatures:
         if len(self._seen) >= self._MAX_COUNTED:
             self._seen.clear()
         self._seen[key] += 1
-        batch, height, width, prepadded = key
+        batch, height, width, prepadded, native = key
         if self._seen[key] >= self.PACK_AFTER:
             if len(self._packed) >= self.MAX_PACKED:
                 self._packed.popitem(last=False)
-            plan = self._packed[key] = build_plan(convs, batch, height, width, pack=True, prepadded=prepadded)
+            plan = self._packed[key] = build_plan(convs, batch, height, width, pack=True, prepadded=prepadded,
+                                                      native=native)
             return plan
         plain = self._plain.get(key[1:])
         if plain is None:
-            plain = self._plain[key[1:]] = build_plan(convs, batch, height, width, pack=False, prepadded=prepadded)
+            plain = self._plain[key[1:]] = build_plan(convs, batch, height, width, pack=False, prepadded=prepadded,
+                                                        native=native)
         return plain
 
     def __getstate__(self) -> dict:
