@@ -6,6 +6,9 @@ script measures that ceiling directly, with no audio: for every clip, the L capt
 caption (cosine, the tower's own vectors) among the same clips; R@1 is the share that lands on its own
 clip. A language the tower cannot match here cannot beat chance much in text->audio retrieval either,
 whatever the audio branch learns; the English-only tower shows how far shared spelling alone gets.
+Vectors are centred as the model centres them (``model.text_centering`` in params.yaml, means from
+the ``model.centroid_splits`` captions; ``--centering`` overrides), so the table shows the tower as
+the trained model sees it.
 
 Reads the cached caption embeddings of the embed_text step (``work/text_emb``) and embeds only what
 is missing (a tower not cached, e.g. ``use-multilingual``). Writes a markdown table.
@@ -27,7 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cacara.manifest import Clip, read_manifest  # noqa: E402
+from cacara.params import load_params  # noqa: E402
 from model.text_cache import TextEmbeddingCache  # noqa: E402
+from model.text_centering import MODES, TextCentroids, texts_by_language  # noqa: E402
 from model.text_encoders import build_text_encoder, declared_languages, l2_normalise  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tower_alignment.md"
@@ -38,13 +43,15 @@ WEAKEST = 8
 logger = logging.getLogger("tower_alignment")
 
 
-def translation_r1(cache: TextEmbeddingCache, clips: list[Clip], language: str) -> float | None:
+def translation_r1(cache: TextEmbeddingCache, clips: list[Clip], language: str,
+                   centroids: TextCentroids | None = None) -> float | None:
     """Share of clips whose ``language`` caption is nearest to their own English caption, or None when
     some clip lacks a caption in that language (the set would differ from the English one)."""
     if not clips or any(not c.captions.get(language) for c in clips):
         return None
-    english = l2_normalise(cache.get([c.captions[ENGLISH][0] for c in clips]))
-    queries = l2_normalise(cache.get([c.captions[language][0] for c in clips]))
+    centroids = centroids or TextCentroids("none")
+    english = centroids.apply(l2_normalise(cache.get([c.captions[ENGLISH][0] for c in clips])), ENGLISH)
+    queries = centroids.apply(l2_normalise(cache.get([c.captions[language][0] for c in clips])), language)
     hits = (queries @ english.T).argmax(axis=1) == np.arange(len(clips))
     return float(hits.mean() * 100)
 
@@ -63,7 +70,8 @@ def render(table: dict[str, dict[str, float | None]], columns: list[str], sizes:
            meta: dict[str, str]) -> str:
     lines = ["# Frozen text towers: each language's captions matched to their English originals", "",
              "Produced by `benchmarks/tower_alignment.py`. R@1 % of a clip's caption in the language finding "
-             "its own clip's English caption among the set's English captions (raw cosine of the tower). "
+             "its own clip's English caption among the set's English captions (cosine of the tower's vectors, "
+             "centred as the model centres them). "
              "`-`: some clip of the set has no caption in that language.", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "| language | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
@@ -80,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-emb", type=Path, default=REPO / "work" / "text_emb")
     ap.add_argument("--encoders", nargs="+", default=["e5-small", "use-multilingual", "minilm-en"])
     ap.add_argument("--splits", nargs="+", default=["all", "test"], help="'all' or split names")
+    ap.add_argument("--centering", choices=MODES, help="default: model.text_centering of params.yaml")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    params = load_params()["model"]
+    centering = args.centering or params["text_centering"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     clips = read_manifest(args.dataset / "manifest.jsonl")
@@ -91,18 +102,21 @@ def main(argv: list[str] | None = None) -> None:
     columns, sizes = [], {}
     for encoder in args.encoders:
         cache = tower_cache(args.text_emb, encoder, clips)
+        centroids = TextCentroids.compute(centering, texts_by_language(clips, params["centroid_splits"]), cache,
+                                          params["centroid_min_texts"])
         for name, subset in sets.items():
             column = f"{encoder} ({name}, {len(subset)} clips)"
             columns.append(column)
             sizes[column] = len(subset)
             for lang in languages:
-                table[lang][column] = translation_r1(cache, subset, lang)
+                table[lang][column] = translation_r1(cache, subset, lang, centroids)
     first = columns[0]
     ranked = sorted((r[first], lang) for lang, r in table.items() if r.get(first) is not None)
     declared = {e: declared_languages(e) for e in args.encoders}
     meta = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "dataset": f"{args.dataset} ({len(clips)} clips, {len(languages)} languages besides English)",
+        "centring": f"{centering} (means from the {'/'.join(params['centroid_splits'])} captions)",
         "towers": "; ".join(f"{e}: {len(d) if d else 'all'} declared languages" for e, d in declared.items()),
         f"weakest {WEAKEST} for {first}": ", ".join(f"{lang} {value:.1f}" for value, lang in ranked[:WEAKEST]),
     }
