@@ -96,10 +96,11 @@ def _library_path(cc: str, source: bytes) -> Path:
     return resolve_weights_dir() / "native" / f"yamnet_kernels-{digest.hexdigest()[:16]}.so"
 
 
-def _build(cc: str, out: Path) -> Path:
+def _build(cc: str, out: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile into a temporary file and rename it, so concurrent first uses never load half a file.
 
     A cache directory that cannot be written (a read-only volume) gets a private build instead.
+    ``extra_flags`` exist for tests that build each x86-64 code path on its own.
     """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,7 @@ def _build(cc: str, out: Path) -> Path:
         fd, tmp = tempfile.mkstemp(dir=private, prefix=out.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([cc, *CFLAGS, *extra_flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                               timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -262,12 +263,17 @@ def load() -> NativeKernels | None:
         if not path.exists():
             logger.info("compiling %s -> %s", SOURCE.name, path)
             path = _build(cc, path)
-        lib = ctypes.CDLL(str(path))
-        if lib.cacara_kernels_abi() != ABI_VERSION:
-            raise RuntimeError(f"{path} reports ABI {lib.cacara_kernels_abi()}, expected {ABI_VERSION}")
+        return open_library(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("native YAMNet kernels unavailable (%s): YAMNet's layers run through oneDNN", exc)
         return None
+
+
+def open_library(path: Path) -> NativeKernels:
+    """Load a built library, refusing one from another version of the C file."""
+    lib = ctypes.CDLL(str(path))
+    if lib.cacara_kernels_abi() != ABI_VERSION:
+        raise RuntimeError(f"{path} reports ABI {lib.cacara_kernels_abi()}, expected {ABI_VERSION}")
     for name in ("cacara_depthwise3x3_relu", "cacara_stem3x3_relu"):
         fn = getattr(lib, name)
         fn.argtypes = _SIGNATURE

@@ -26,7 +26,8 @@
 #include <stddef.h>
 #include <stdlib.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* CACARA_SINGLE_TARGET builds one code path for the compiler's -march (tests build each path this way). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CACARA_SINGLE_TARGET)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import platform
 import shutil
 
 import pytest
@@ -259,3 +260,24 @@ def test_unwritable_cache_builds_privately(monkeypatch, tmp_path):
         assert loaded is not None and blocker not in loaded.path.parents
     finally:
         native_kernels.load.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the clones are x86-64 code paths")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2-fma", "baseline-sse2"])
+def test_every_x86_code_path_computes_the_same(kernels, yamnet_model, tmp_path, march):
+    """The library carries AVX-512, AVX2+FMA and baseline clones and this CPU runs only one of them:
+    build the others alone and check they compute the same layers."""
+    path = native_kernels._build(native_kernels.compiler(), tmp_path / f"{march}.so",
+                                 (f"-march={march}", "-DCACARA_SINGLE_TARGET"))
+    variant = native_kernels.open_library(path)
+    convs = yamnet_model.conv_layers()
+    x = torch.randn(3, 1, 96, 64)
+    with torch.inference_mode():
+        stem = _native_op(kernels, convs[0])(x)
+        assert torch.allclose(_native_op(variant, convs[0])(x), stem, atol=TOL, rtol=0)
+        block = _native_separable_op(kernels, convs[1], convs[2])(stem)
+        assert torch.allclose(_native_separable_op(variant, convs[1], convs[2])(stem), block, atol=TOL, rtol=0)
+        wide = torch.randn(2, 512, 6, 4).contiguous(memory_format=torch.channels_last)
+        depthwise = [c for c in convs if c.groups == 512][0]  # more than 128 channels: the blocked kernel
+        assert torch.allclose(_native_op(variant, depthwise)(wide), _native_op(kernels, depthwise)(wide),
+                              atol=TOL, rtol=0)
