@@ -281,3 +281,12 @@ def test_every_x86_code_path_computes_the_same(kernels, yamnet_model, tmp_path, 
         depthwise = [c for c in convs if c.groups == 512][0]  # more than 128 channels: the blocked kernel
         assert torch.allclose(_native_op(variant, depthwise)(wide), _native_op(kernels, depthwise)(wide),
                               atol=TOL, rtol=0)
+
+
+def test_a_patch_embeds_the_same_whatever_else_is_in_the_batch(kernels, yamnet_model):
+    """Each patch is computed alone, so a clip's embedding does not depend on its batch-mates."""
+    x = torch.randn(45, 1, 96, 64)
+    with torch.inference_mode():
+        full = yamnet_model.embed(x)
+        assert torch.equal(yamnet_model.embed(x[:7]), full[:7])
+        assert torch.equal(yamnet_model.embed(x[30:31]), full[30:31])
