@@ -290,3 +290,23 @@ def test_a_patch_embeds_the_same_whatever_else_is_in_the_batch(kernels, yamnet_m
         full = yamnet_model.embed(x)
         assert torch.equal(yamnet_model.embed(x[:7]), full[:7])
         assert torch.equal(yamnet_model.embed(x[30:31]), full[30:31])
+
+
+def test_concurrent_callers_get_the_same_embeddings(kernels, yamnet_model):
+    """A server embeds requests from several threads at once: ctypes releases the GIL, so the C kernels
+    run side by side, each call with its own OpenMP team and scratch maps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = copy.deepcopy(yamnet_model)
+    inputs = [torch.randn(n, 1, 96, 64) for n in (20, 7, 33, 1, 20, 12)]
+    with torch.inference_mode():
+        expected = [model.embed(x) for x in inputs]
+
+        def embed(x):
+            with torch.inference_mode():
+                return model.embed(x)
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            got = list(pool.map(embed, inputs * 3))
+    for i, out in enumerate(got):
+        assert torch.equal(out, expected[i % len(inputs)])
