@@ -166,13 +166,24 @@ class YamnetAudioEncoder(AudioEncoder):
         return self.yamnet.classifier
 
     def _patch_embeddings(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Per-patch embeddings [B, P, 1024] and the mask [B, P] of patches the clip's own samples produce."""
+        """Per-patch embeddings [B, P, 1024] and the mask [B, P] of patches the clip's own samples produce.
+
+        Only those patches go through the network; padding rows stay zero (the mask drops them anyway).
+        A batch is padded to its longest clip, so on the demo corpus (0.2-10 s clips) running the padding
+        too tripled the patches a training step computes (training: 37 -> 24 s). On the inference path a
+        patch's embedding does not depend on its batch-mates, so no kept value changes; on the autograd
+        path oneDNN may pick another algorithm for another batch size, which moves the last bits.
+        """
         lengths = _check_batch(waveforms, lengths)
         patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
         batch, num = patches.shape[:2]
-        emb = self.yamnet.embed(patches.flatten(0, 1)).view(batch, num, -1)
         keep = torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
-        return emb, keep
+        flat_keep = keep.flatten()
+        if bool(flat_keep.all()):
+            return self.yamnet.embed(patches.flatten(0, 1)).view(batch, num, -1), keep
+        kept = self.yamnet.embed(patches.flatten(0, 1)[flat_keep])
+        emb = kept.new_zeros(batch * num, kept.shape[-1]).index_put((flat_keep.nonzero().squeeze(1),), kept)
+        return emb.view(batch, num, -1), keep
 
     def embed_and_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both clip-level outputs from one pass: [B, 1024] and [B, 521]."""
