@@ -22,6 +22,7 @@ from torch import nn
 
 from model.audio_encoders import AudioEncoder, build_audio_encoder
 from model.text_centering import TextCentroids, texts_by_language
+from model.weights_cache import safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def save_model(model: CacaraModel, out_dir: str | Path, params: dict[str, Any], 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "cacara", "text_encoder": text_encoder})
+    save_file(state, str(tmp), metadata=safetensors_metadata({"format": "cacara", "text_encoder": text_encoder}))
     tmp.replace(out / WEIGHTS)
     centroids_sha = None
     if model.text_centroids.mode != "none":

@@ -49,6 +49,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+#: The single safetensors metadata key our files carry (see :func:`safetensors_metadata`).
+METADATA_KEY = "cacara"
+
+
+def safetensors_metadata(fields: dict[str, Any]) -> dict[str, str]:
+    """``fields`` as safetensors metadata that serialises to the same bytes every time.
+
+    safetensors writes its metadata map in random order (safetensors/safetensors#584), so a file
+    with two metadata keys differs from run to run: its sha256 changes and DVC sees a new model
+    though every tensor is equal. One key holding sorted JSON has only one order.
+    """
+    return {METADATA_KEY: json.dumps(fields, sort_keys=True)}
+
+
 def sidecar_path(weights_path: Path) -> Path:
     """``yamnet.safetensors`` -> ``yamnet.safetensors.json``: the pair stays together when copied."""
     return weights_path.with_name(weights_path.name + ".json")

