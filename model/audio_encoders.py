@@ -179,8 +179,6 @@ class YamnetAudioEncoder(AudioEncoder):
         batch, num = patches.shape[:2]
         keep = torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
         flat_keep = keep.flatten()
-        if bool(flat_keep.all()):
-            return self.yamnet.embed(patches.flatten(0, 1)).view(batch, num, -1), keep
         kept = self.yamnet.embed(patches.flatten(0, 1)[flat_keep])
         emb = kept.new_zeros(batch * num, kept.shape[-1]).index_put((flat_keep.nonzero().squeeze(1),), kept)
         return emb.view(batch, num, -1), keep

@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("native") / "yamnet_kernels.c"
 #: Set to 0 / false / no / off to run every layer through oneDNN.
 ENV_SWITCH = "CACARA_NATIVE_KERNELS"
 #: Must equal ``cacara_kernels_abi()`` in the C file: a library built from another version is refused.
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: Channel block the C kernels vectorise over (``LANES`` there): channel counts must be multiples.
 LANES = 16
 #: Output channels per packed pointwise panel (``NB`` there): the fused block needs multiples of it.
@@ -55,8 +55,6 @@ CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"
 COMPILE_TIMEOUT_S = 120
 
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
-_SIGNATURE = [_FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P] + [ctypes.c_int] * 10
-_SEPARABLE_SIGNATURE = [_FLOAT_P] * 6 + [ctypes.c_int] * 11
 _CHAIN_SIGNATURE = [_FLOAT_P, _FLOAT_P] + [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int),
                                                                   ctypes.POINTER(_FLOAT_P), ctypes.c_int]
 #: Layer kinds of a chain (``CHAIN_*`` in the C file).
@@ -124,43 +122,10 @@ def _build(cc: str, out: Path, extra_flags: tuple[str, ...] = ()) -> Path:
 
 @dataclass(frozen=True)
 class NativeKernels:
-    """The loaded library; each function fills a preallocated channels-last output."""
+    """The loaded library: one entry point, a chain of layers run patch by patch."""
 
     path: Path
     lib: ctypes.CDLL
-
-    def depthwise3x3_relu(self, x: Tensor, taps: Tensor, bias: Tensor, stride: int,
-                          pad_top: int, pad_left: int, out_h: int, out_w: int) -> Tensor:
-        """ReLU(depthwise 3x3 conv + bias) of a channels-last [N, C, H, W] map; taps are [9, C]."""
-        return self._run(self.lib.cacara_depthwise3x3_relu, x, taps, bias, stride, pad_top, pad_left, out_h, out_w)
-
-    def stem3x3_relu(self, x: Tensor, taps: Tensor, bias: Tensor, stride: int,
-                     pad_top: int, pad_left: int, out_h: int, out_w: int) -> Tensor:
-        """ReLU(3x3 conv + bias) from a one-channel [N, 1, H, W] map to C channels; taps are [9, C]."""
-        return self._run(self.lib.cacara_stem3x3_relu, x, taps, bias, stride, pad_top, pad_left, out_h, out_w)
-
-    def separable3x3_relu(self, x: Tensor, taps: Tensor, dw_bias: Tensor, panels: Tensor, pw_bias: Tensor,
-                          stride: int, pad_top: int, pad_left: int, out_h: int, out_w: int) -> Tensor:
-        """ReLU(pointwise(ReLU(depthwise 3x3(x)))) in one pass: a MobileNet separable block.
-
-        ``panels`` is the pointwise weight [C_out, C] packed by :func:`pack_panels`.
-        """
-        n, c, h, w = x.shape
-        c_out = pw_bias.shape[0]
-        _check_input(x)
-        if taps.shape != (KERNEL * KERNEL, c) or dw_bias.shape != (c,) or c % LANES or c > MAX_SEPARABLE_IN:
-            raise ValueError(f"depthwise taps {tuple(taps.shape)} / bias {tuple(dw_bias.shape)} do not fit {c} channels")
-        if panels.shape != (c_out // PANEL, c, PANEL) or c_out % PANEL:
-            raise ValueError(f"pointwise panels {tuple(panels.shape)} do not fit {c} -> {c_out} channels")
-        out = torch.empty((n, c_out, out_h, out_w), dtype=torch.float32, memory_format=torch.channels_last)
-        if n == 0:
-            return out
-        status = self.lib.cacara_separable3x3_relu(
-            _ptr(x), _ptr(taps), _ptr(dw_bias), _ptr(panels), _ptr(pw_bias), _ptr(out), n, h, w, c, c_out,
-            stride, pad_top, pad_left, out_h, out_w, torch.get_num_threads())
-        if status != 0:
-            raise ValueError(f"native kernel refused shapes x={tuple(x.shape)} panels={tuple(panels.shape)}")
-        return out
 
     def chain_relu(self, x: Tensor, layers: ChainSpec) -> Tensor:
         """Every layer of ``layers`` on each patch of ``x`` in turn (see ``cacara_chain_relu``)."""
@@ -183,23 +148,6 @@ class NativeKernels:
             raise ValueError(f"native kernel refused the chain on x={tuple(x.shape)}")
         return out
 
-    @staticmethod
-    def _run(fn, x: Tensor, taps: Tensor, bias: Tensor, stride: int, pad_top: int, pad_left: int,
-             out_h: int, out_w: int) -> Tensor:
-        n, c_in, h, w = x.shape
-        c = taps.shape[1]
-        _check_input(x)
-        if taps.shape != (KERNEL * KERNEL, c) or bias.shape != (c,) or c % LANES:
-            raise ValueError(f"taps {tuple(taps.shape)} / bias {tuple(bias.shape)} do not fit {c} channels")
-        out = torch.empty((n, c, out_h, out_w), dtype=torch.float32, memory_format=torch.channels_last)
-        if n == 0:
-            return out
-        status = fn(_ptr(x), _ptr(taps), _ptr(bias), _ptr(out), n, h, w, c, stride, pad_top, pad_left,
-                    out_h, out_w, torch.get_num_threads())
-        if status != 0:
-            raise ValueError(f"native kernel refused shapes x={tuple(x.shape)} taps={tuple(taps.shape)}")
-        return out
-
 
 @dataclass(frozen=True, eq=False)
 class ChainSpec:
@@ -217,14 +165,42 @@ class ChainSpec:
 
     @classmethod
     def build(cls, in_channels: int, layers: list[tuple[int, int, int, tuple[Tensor | None, ...]]]) -> ChainSpec:
-        """``layers``: (kind, output channels, stride, (taps, bias, panels, pointwise bias)) in order."""
+        """``layers``: (kind, output channels, stride, (taps, bias, panels, pointwise bias)) in order.
+
+        The C side receives bare pointers, so every tensor's shape is checked here against the
+        channels flowing through the chain: a mismatch is a clear error, not a read past a buffer.
+        """
+        if not layers:
+            raise ValueError("a chain needs at least one layer")
+        channels = in_channels
+        for index, (kind, c_out, stride, weights) in enumerate(layers):
+            expected = _expected_shapes(kind, channels, c_out)
+            got = tuple(None if t is None else tuple(t.shape) for t in weights)
+            if got != expected or stride < 1:
+                raise ValueError(f"chain layer {index} (kind {kind}, {channels} -> {c_out} channels, stride {stride}):"
+                                 f" weights {got}, expected {expected}")
+            channels = c_out
         ints = [value for kind, c_out, stride, _ in layers for value in (kind, c_out, stride)]
         tensors = [t for *_, ws in layers for t in ws if t is not None]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
             raise ValueError("chain weights must be contiguous float32")
         pointers = [_ptr(t) if t is not None else None for *_, ws in layers for t in ws]
-        return cls(in_channels, layers[-1][1], tuple(stride for _, _, stride, _ in layers),
+        return cls(in_channels, channels, tuple(stride for _, _, stride, _ in layers),
                    (ctypes.c_int * len(ints))(*ints), (_FLOAT_P * len(pointers))(*pointers), tuple(tensors))
+
+
+def _expected_shapes(kind: int, c_in: int, c_out: int) -> tuple:
+    """(taps, bias, panels, pointwise bias) shapes of one chain layer, None where the kind has none;
+    ValueError where no layer of that kind maps ``c_in`` to ``c_out`` channels (the C side's rules)."""
+    taps = (KERNEL * KERNEL, c_out if kind == CHAIN_STEM else c_in)
+    if kind == CHAIN_STEM and c_in == 1 and c_out > 0 and c_out % LANES == 0:
+        return taps, (c_out,), None, None
+    if kind == CHAIN_DEPTHWISE and c_in == c_out and c_in > 0 and c_in % LANES == 0:
+        return taps, (c_in,), None, None
+    if (kind == CHAIN_SEPARABLE and 0 < c_in <= MAX_SEPARABLE_IN and c_in % LANES == 0 and c_out > 0
+            and c_out % PANEL == 0):
+        return taps, (c_in,), (c_out // PANEL, c_in, PANEL), (c_out,)
+    raise ValueError(f"no native layer of kind {kind} maps {c_in} to {c_out} channels")
 
 
 def pack_panels(weight: Tensor) -> Tensor:
@@ -274,12 +250,6 @@ def open_library(path: Path) -> NativeKernels:
     lib = ctypes.CDLL(str(path))
     if lib.cacara_kernels_abi() != ABI_VERSION:
         raise RuntimeError(f"{path} reports ABI {lib.cacara_kernels_abi()}, expected {ABI_VERSION}")
-    for name in ("cacara_depthwise3x3_relu", "cacara_stem3x3_relu"):
-        fn = getattr(lib, name)
-        fn.argtypes = _SIGNATURE
-        fn.restype = ctypes.c_int
-    lib.cacara_separable3x3_relu.argtypes = _SEPARABLE_SIGNATURE
-    lib.cacara_separable3x3_relu.restype = ctypes.c_int
     lib.cacara_chain_relu.argtypes = _CHAIN_SIGNATURE
     lib.cacara_chain_relu.restype = ctypes.c_int
     return NativeKernels(path, lib)

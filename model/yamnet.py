@@ -140,8 +140,8 @@ class Yamnet(nn.Module):
         #: Without gradients on CPU, run the convolutions through ``model.yamnet_fused`` (same weights,
         #: same arithmetic, no separate ReLU/pad passes); False runs the modules as written.
         self.fused_inference = fused_inference
-        #: On the fused path, run the stem and depthwise layers through ``model/native_kernels`` where
-        #: its C kernels build (and ``CACARA_NATIVE_KERNELS`` allows); False keeps them on oneDNN.
+        #: On the fused path, run the layers through ``model/native_kernels`` where its C kernels build
+        #: (and ``CACARA_NATIVE_KERNELS`` allows); False keeps every layer on oneDNN.
         self.native_kernels = native_kernels
         self._fused_early = FusedFeatures()
         self._fused_late = FusedFeatures()

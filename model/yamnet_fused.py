@@ -21,8 +21,9 @@ single weight or the arithmetic:
 * The stem's explicit pad can be applied once to a whole batch (:func:`pad_for_stem`) instead of
   once per chunk.
 * Where ``model/native_kernels.py`` could build its C kernels, no layer goes through oneDNN: the stem
-  runs directly (:class:`NativeConv`) and each separable block is one fused call
-  (:class:`NativeSeparable`), one patch per thread, padding taps skipped rather than copied. That
+  runs directly (:class:`NativeConv`), each separable block as one fused layer
+  (:class:`NativeSeparable`), and consecutive layers as one call that carries each patch through all
+  of them (:class:`NativeChain`), padding taps skipped rather than copied. That
   took the network from 0.95x to above onnxruntime at 32 clips (benchmarks/yamnet_speed.py).
 
 The plan is rebuilt whenever a parameter changes (tracked by each tensor's version counter), so a
@@ -45,10 +46,11 @@ from model.native_kernels import NativeKernels
 logger = logging.getLogger(__name__)
 
 _DILATION = [1, 1]
-KERNEL_3X3 = 3
+KERNEL_3X3 = native_kernels.KERNEL
 #: Run a depthwise + pointwise pair as one native call (:class:`NativeSeparable`).
 FUSE_SEPARABLE = True
-#: Merge consecutive native layers into one patch-by-patch call (:class:`NativeChain`).
+#: Run consecutive native layers as one patch-by-patch call (:class:`NativeChain`); False runs each
+#: as a chain of its own (benchmarks/yamnet_native_steps.py measures the difference).
 CHAIN_NATIVE = True
 
 
@@ -91,51 +93,29 @@ class FusedConv:
         )
 
 
-def _same_geometry(x: Tensor, stride: int) -> tuple[int, int, int, int]:
-    """(pad top, pad left, output height, output width) of a 3x3 'SAME' conv on x's map."""
-    h, w = x.shape[-2:]
-    return (same_padding(h, KERNEL_3X3, stride)[0], same_padding(w, KERNEL_3X3, stride)[0],
-            -(-h // stride), -(-w // stride))
-
-
 @dataclass(frozen=True)
 class NativeConv:
-    """A stem (one input channel) or depthwise 3x3 conv+ReLU through ``model/native_kernels``.
+    """A stem (one input channel) or depthwise 3x3 conv+ReLU, as a layer of a :class:`NativeChain`."""
 
-    Padding is TF 'SAME' for whatever map size arrives, so one op serves every shape.
-    """
-
-    kernels: NativeKernels
     taps: Tensor  # [9, out channels]: tap-major, so a tap's channel block is one vector load
     bias: Tensor
     stride: int
     depthwise: bool
 
-    def __call__(self, x: Tensor) -> Tensor:
-        run = self.kernels.depthwise3x3_relu if self.depthwise else self.kernels.stem3x3_relu
-        return run(x.contiguous(memory_format=torch.channels_last), self.taps, self.bias, self.stride,
-                   *_same_geometry(x, self.stride))
-
 
 @dataclass(frozen=True)
 class NativeSeparable:
-    """A MobileNet separable block (depthwise 3x3 + ReLU, pointwise 1x1 + ReLU) in one native call.
+    """A MobileNet separable block (depthwise 3x3 + ReLU, pointwise 1x1 + ReLU) as one chain layer.
 
     The depthwise outputs of a few pixels go straight from an L1 buffer into the pointwise product,
-    so they never make a round trip through memory, and no oneDNN call (about 40 us each) is paid.
+    so they never make a round trip through memory.
     """
 
-    kernels: NativeKernels
     taps: Tensor
     dw_bias: Tensor
     panels: Tensor  # pointwise weight packed by native_kernels.pack_panels
     pw_bias: Tensor
     stride: int
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.kernels.separable3x3_relu(
-            x.contiguous(memory_format=torch.channels_last), self.taps, self.dw_bias, self.panels, self.pw_bias,
-            self.stride, *_same_geometry(x, self.stride))
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,7 +123,8 @@ class NativeChain:
     """Consecutive native layers run patch by patch in one call, activations kept in per-thread scratch.
 
     Layer by layer, 20 patches of the 48x32x64 map (7.8 MB) go through memory between calls; a chain
-    carries each patch through all its layers inside a core's L2.
+    carries each patch through all its layers inside a core's L2. Padding is TF 'SAME' for whatever
+    map size arrives, so one chain serves every shape.
     """
 
     kernels: NativeKernels
@@ -169,17 +150,17 @@ class NativeChain:
 
 
 def _chained(kernels: NativeKernels, plan: list) -> list:
-    """``plan`` with every run of two or more native layers merged into one :class:`NativeChain`."""
+    """``plan`` with its native layers run as chains: each run of consecutive ones as one chain, or,
+    without ``CHAIN_NATIVE`` (to measure what chaining buys), each layer as a chain of its own."""
     merged: list = []
     run: list[NativeConv | NativeSeparable] = []
     for op in [*plan, None]:
         if isinstance(op, (NativeConv, NativeSeparable)):
             run.append(op)
             continue
-        if len(run) > 1:
-            merged.append(NativeChain.of(kernels, run))
-        else:
-            merged.extend(run)
+        if run:
+            groups = [run] if CHAIN_NATIVE else [[layer] for layer in run]
+            merged.extend(NativeChain.of(kernels, group) for group in groups)
         run = []
         if op is not None:
             merged.append(op)
@@ -200,10 +181,10 @@ def native_separable_applies(depthwise: nn.Conv2d, pointwise: nn.Conv2d) -> bool
     )
 
 
-def _native_separable_op(kernels: NativeKernels, depthwise: nn.Conv2d, pointwise: nn.Conv2d) -> NativeSeparable:
-    dw = _native_op(kernels, depthwise)
+def _native_separable_op(depthwise: nn.Conv2d, pointwise: nn.Conv2d) -> NativeSeparable:
+    dw = _native_op(depthwise)
     pw_bias = pointwise.bias.detach() if pointwise.bias is not None else torch.zeros(pointwise.out_channels)
-    return NativeSeparable(kernels, dw.taps, dw.bias, native_kernels.pack_panels(pointwise.weight.detach()),
+    return NativeSeparable(dw.taps, dw.bias, native_kernels.pack_panels(pointwise.weight.detach()),
                            pw_bias.contiguous(), dw.stride)
 
 
@@ -219,11 +200,11 @@ def native_applies(conv: nn.Conv2d) -> bool:
     return depthwise or stem
 
 
-def _native_op(kernels: NativeKernels, conv: nn.Conv2d) -> NativeConv:
+def _native_op(conv: nn.Conv2d) -> NativeConv:
     weight = conv.weight.detach()
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
     taps = weight.reshape(conv.out_channels, KERNEL_3X3 * KERNEL_3X3).t().contiguous()
-    return NativeConv(kernels, taps, bias.contiguous(), conv.stride[0], depthwise=conv.in_channels != 1)
+    return NativeConv(taps, bias.contiguous(), conv.stride[0], depthwise=conv.in_channels != 1)
 
 
 @dataclass(frozen=True)
@@ -340,12 +321,12 @@ def build_plan(
         following = convs[index + 1] if index + 1 < len(convs) else None
         if (kernels is not None and FUSE_SEPARABLE and following is not None
                 and native_separable_applies(conv, following)):
-            plan.append(_native_separable_op(kernels, conv, following))
+            plan.append(_native_separable_op(conv, following))
             height, width = -(-height // sh), -(-width // sw)
             skip_next = True
             continue
         if kernels is not None and native_applies(conv) and not (index == 0 and prepadded):
-            plan.append(_native_op(kernels, conv))
+            plan.append(_native_op(conv))
             height, width = -(-height // sh), -(-width // sw)
             continue
         weight = conv.weight.detach()
@@ -375,7 +356,7 @@ def build_plan(
         packed = _pack(weight, padding, stride, conv.groups, size) if pack else weight.contiguous()
         plan.append(FusedConv(packed, bias.contiguous(), padding, stride, conv.groups, pre_pad))
         height, width = -(-height // sh), -(-width // sw)
-    return _chained(kernels, plan) if kernels is not None and CHAIN_NATIVE else plan
+    return _chained(kernels, plan) if kernels is not None else plan
 
 
 class FusedFeatures:

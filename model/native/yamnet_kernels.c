@@ -5,16 +5,17 @@
  * MLAS kernel), the depthwise layers on small maps (~1.6x slower), oneDNN's GEMM on the small
  * pointwise matrices of the early blocks (76-95 GMAC/s against 107 on big ones) and a fixed ~40 us
  * per oneDNN call. The stem and depthwise layers are 9 multiply-adds per output, where a direct loop
- * beats a general kernel's setup; the separable kernel feeds each few pixels' depthwise outputs from
- * an L1 buffer straight into a register-tiled pointwise product, so the intermediate map never goes
- * through memory and each block is one call.
+ * beats a general kernel's setup; a separable block feeds each few pixels' depthwise outputs from an
+ * L1 buffer straight into a register-tiled pointwise product, so the intermediate map never goes
+ * through memory.
  *
- * ``threads`` is torch.get_num_threads() of the caller: OpenMP's own setting is per calling thread,
- * so a server thread would otherwise get a different count than the one torch was told.
+ * One entry point, cacara_chain_relu: a list of layers run patch by patch (a single layer is a chain
+ * of one). ``threads`` is torch.get_num_threads() of the caller: OpenMP's own setting is per calling
+ * thread, so a server thread would otherwise get a different count than the one torch was told.
  *
  * Layout: activations are NHWC (a channels-last torch tensor), weights are tap-major [9][C], and
- * every output gets bias + ReLU fused. Padding follows TensorFlow's 'SAME' rule and is given as
- * (pad_top, pad_left): taps that fall outside the map are skipped, so no padded copy is made.
+ * every output gets bias + ReLU fused. Padding follows TensorFlow's 'SAME' rule: taps that fall
+ * outside the map are skipped, so no padded copy is made.
  *
  * Each patch is computed by one thread in a fixed order, so results do not depend on the thread
  * count. Threads come from OpenMP; loaded after torch, this library binds to torch's own libgomp
@@ -41,10 +42,9 @@ typedef int vi __attribute__((vector_size(LANES * sizeof(int)), aligned(sizeof(i
 #define RELU(a) ((vf)((vi)(a) & ((a) > (vf){0})))
 
 /* Version of the ABI below: the loader refuses a library that reports another one. */
-int cacara_kernels_abi(void) { return 1; }
+int cacara_kernels_abi(void) { return 2; }
 
 #define GROUP 8 /* narrow maps: at most this many vectors of channels (128 channels, a 512-byte pixel) */
-#define store(p, v) (*(vf *)(p) = (v))
 
 /* Depthwise outputs of pixels p0 .. p0+rows-1 (row-major over the output map, p0 at row oy, column ox)
  * into buf[rows][c]: pixel by pixel, all channels of a pixel in turn, so the input is read as one
@@ -69,7 +69,7 @@ static inline __attribute__((always_inline)) void depthwise_rows(
                            *(const vf *)(taps + (size_t)(ky * 3 + kx) * c + c0);
                 }
             }
-            store(buf + (size_t)r * c + c0, RELU(acc));
+            *(vf *)(buf + (size_t)r * c + c0) = RELU(acc);
         }
         if (++ox == out_w) {
             ox = 0;
@@ -81,18 +81,13 @@ static inline __attribute__((always_inline)) void depthwise_rows(
 /* One patch of a 3x3 convolution computed one 16-output-channel block at a time, its nine taps held in
  * registers. Used for wide depthwise maps (more than GROUP vectors of channels) and, with one_channel
  * set (a constant at every call site, so the branch compiles away), for the stem, where every output
- * channel reads the single input channel. A wide map's block reads hop a whole pixel apart, which
- * hardware prefetchers do not follow, so the next patch's same block is prefetched by hand. */
+ * channel reads the single input channel. */
 static inline __attribute__((always_inline)) void direct3x3_patch(
-    const float *restrict in, const float *restrict next, const float *restrict taps, const float *restrict bias,
-    float *restrict out, int h, int w, int c, int stride, int pad_top, int pad_left, int out_h, int out_w,
-    const int one_channel)
+    const float *restrict in, const float *restrict taps, const float *restrict bias, float *restrict out,
+    int h, int w, int c, int stride, int pad_top, int pad_left, int out_h, int out_w, const int one_channel)
 {
     const int in_c = one_channel ? 1 : c;
     for (int c0 = 0; c0 < c; c0 += LANES) {
-        if (next && !one_channel)
-            for (int p = 0; p < h * w; ++p)
-                __builtin_prefetch(next + (size_t)p * c + c0, 0, 3);
         vf k[9];
         for (int t = 0; t < 9; ++t)
             k[t] = *(const vf *)(taps + (size_t)t * c + c0);
@@ -117,41 +112,19 @@ static inline __attribute__((always_inline)) void direct3x3_patch(
                             acc += *(const vf *)(row + (size_t)ix * c) * k[ky * 3 + kx];
                     }
                 }
-                store(out + ((size_t)oy * out_w + ox) * c + c0, RELU(acc));
+                *(vf *)(out + ((size_t)oy * out_w + ox) * c + c0) = RELU(acc);
             }
         }
     }
-}
-
-/* in [n][h][w][c], taps [9][c], bias [c] -> out [n][out_h][out_w][c]; returns 0, or -1 on bad sizes. */
-CLONES int cacara_depthwise3x3_relu(const float *restrict in, const float *restrict taps,
-                                    const float *restrict bias, float *restrict out, int n, int h, int w,
-                                    int c, int stride, int pad_top, int pad_left, int out_h, int out_w, int threads)
-{
-    if (n < 0 || h < 1 || w < 1 || c < LANES || c % LANES || stride < 1 || out_h < 1 || out_w < 1 || threads < 1)
-        return -1;
-    const size_t in_step = (size_t)h * w * c, out_step = (size_t)out_h * out_w * c;
-    if (c <= GROUP * LANES) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int i = 0; i < n; ++i)
-            depthwise_rows(in + i * in_step, taps, bias, out + i * out_step, 0, 0, out_h * out_w, h, w, c, stride,
-                           pad_top, pad_left, out_w);
-    } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int i = 0; i < n; ++i)
-            direct3x3_patch(in + i * in_step, i + 1 < n ? in + (i + 1) * in_step : NULL, taps, bias,
-                            out + i * out_step, h, w, c, stride, pad_top, pad_left, out_h, out_w, 0);
-    }
-    return 0;
 }
 
 /* ---- separable block: depthwise 3x3 + ReLU, then pointwise 1x1 + ReLU, fused ---------------------------
  *
  * For YAMNet's early blocks (maps 48x32 .. 12x8, 32 .. 256 channels) the pointwise matrix is small, so
  * oneDNN's GEMM runs well below its big-matrix speed (76-95 against 107 GMAC/s measured) and the
- * depthwise output makes a round trip through memory between the two calls. Here a thread takes a
- * patch, computes the depthwise outputs of MR pixels into a small buffer that stays in L1, and
- * multiplies that buffer by the pointwise matrix with an MR x (NV*LANES) register tile.
+ * depthwise output makes a round trip through memory between the two calls. Here the depthwise
+ * outputs of MR pixels go into a small buffer that stays in L1, and that buffer is multiplied by the
+ * pointwise matrix with an MR x (NV*LANES) register tile.
  */
 #define MR 6            /* pixels per register tile */
 #define NV 4            /* vectors per register tile: 64 output channels */
@@ -184,10 +157,9 @@ static inline __attribute__((always_inline)) void pointwise_tile(
         if (r >= rows)
             break;
         for (int v = 0; v < NV; ++v)
-            store(out + (size_t)r * ldo + v * LANES, RELU(acc[r][v]));
+            *(vf *)(out + (size_t)r * ldo + v * LANES) = RELU(acc[r][v]);
     }
 }
-
 
 /* One patch of a separable block; buf is MR x c floats of scratch. */
 static inline __attribute__((always_inline)) void separable_patch(
@@ -211,42 +183,6 @@ static inline __attribute__((always_inline)) void separable_patch(
 static int separable_shapes_ok(int c, int c_out)
 {
     return c >= LANES && c % LANES == 0 && c <= MAX_K && c_out >= NB && c_out % NB == 0;
-}
-
-/* in [n][h][w][c]; dw taps [9][c], dw bias [c]; pw panels [c_out/NB][c][NB], pw bias [c_out]
- * -> out [n][out_h][out_w][c_out]. c a multiple of LANES up to MAX_K, c_out a multiple of NB. */
-CLONES int cacara_separable3x3_relu(const float *restrict in, const float *restrict taps,
-                                    const float *restrict dw_bias, const float *restrict panels,
-                                    const float *restrict pw_bias, float *restrict out, int n, int h, int w,
-                                    int c, int c_out, int stride, int pad_top, int pad_left, int out_h,
-                                    int out_w, int threads)
-{
-    if (n < 0 || h < 1 || w < 1 || !separable_shapes_ok(c, c_out) || stride < 1 || out_h < 1 || out_w < 1 ||
-        threads < 1)
-        return -1;
-    const size_t in_step = (size_t)h * w * c, out_step = (size_t)out_h * out_w * c_out;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int i = 0; i < n; ++i) {
-        float buf[MR * MAX_K] __attribute__((aligned(64)));
-        separable_patch(in + i * in_step, taps, dw_bias, panels, pw_bias, out + i * out_step, buf, h, w, c, c_out,
-                        stride, pad_top, pad_left, out_h, out_w);
-    }
-    return 0;
-}
-
-/* in [n][h][w] (one channel), taps [9][c], bias [c] -> out [n][out_h][out_w][c]; 0, or -1 on bad sizes. */
-CLONES int cacara_stem3x3_relu(const float *restrict in, const float *restrict taps, const float *restrict bias,
-                               float *restrict out, int n, int h, int w, int c, int stride, int pad_top,
-                               int pad_left, int out_h, int out_w, int threads)
-{
-    if (n < 0 || h < 1 || w < 1 || c < LANES || c % LANES || stride < 1 || out_h < 1 || out_w < 1 || threads < 1)
-        return -1;
-    const size_t in_step = (size_t)h * w, out_step = (size_t)out_h * out_w * c;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int i = 0; i < n; ++i)
-        direct3x3_patch(in + i * in_step, NULL, taps, bias, out + i * out_step, h, w, c, stride, pad_top,
-                        pad_left, out_h, out_w, 1);
-    return 0;
 }
 
 /* ---- a chain of layers, patch by patch ----------------------------------------------------------------
@@ -317,14 +253,14 @@ CLONES int cacara_chain_relu(const float *restrict in, float *restrict out, int 
                 const int pt = same_before(sh, stride), pl = same_before(sw, stride);
                 float *dst = l + 1 == layers ? out + i * out_step : maps + (l % 2) * scratch;
                 if (kind == CHAIN_STEM)
-                    direct3x3_patch(src, NULL, wl[0], wl[1], dst, sh, sw, c_out, stride, pt, pl, oh, ow, 1);
+                    direct3x3_patch(src, wl[0], wl[1], dst, sh, sw, c_out, stride, pt, pl, oh, ow, 1);
                 else if (kind == CHAIN_SEPARABLE)
                     separable_patch(src, wl[0], wl[1], wl[2], wl[3], dst, buf, sh, sw, sc, c_out, stride, pt, pl,
                                     oh, ow);
                 else if (sc <= GROUP * LANES)
                     depthwise_rows(src, wl[0], wl[1], dst, 0, 0, oh * ow, sh, sw, sc, stride, pt, pl, ow);
                 else
-                    direct3x3_patch(src, NULL, wl[0], wl[1], dst, sh, sw, sc, stride, pt, pl, oh, ow, 0);
+                    direct3x3_patch(src, wl[0], wl[1], dst, sh, sw, sc, stride, pt, pl, oh, ow, 0);
                 src = dst;
                 sh = oh;
                 sw = ow;

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import dataclasses
 import logging
 import platform
 import shutil
@@ -27,6 +29,11 @@ from model.yamnet_fused import (
 
 TOL = 1e-5
 HAS_COMPILER = native_kernels.compiler() is not None
+
+
+def _alone(kernels, layer):
+    """One layer as the plan runs it when no other native layer sits beside it: a chain of one."""
+    return NativeChain.of(kernels, [layer])
 
 
 @pytest.fixture
@@ -66,7 +73,7 @@ def test_depthwise_equals_module(kernels, stride, size, channels):
     """TF 'SAME' padding at both strides, even and odd sizes, maps smaller than the kernel."""
     layer = _layer(channels, channels, stride, channels, seed=stride)
     x = torch.randn(3, channels, *size).contiguous(memory_format=torch.channels_last)
-    op = _native_op(kernels, layer.conv)
+    op = _alone(kernels, _native_op(layer.conv))
     with torch.no_grad():
         expected = layer(x)
         got = op(x)
@@ -81,7 +88,7 @@ def test_depthwise_equals_module(kernels, stride, size, channels):
 def test_stem_equals_module(kernels, stride, size):
     layer = _layer(1, 32, stride, 1, seed=10 + stride)
     x = torch.randn(4, 1, *size)
-    op = _native_op(kernels, layer.conv)
+    op = _alone(kernels, _native_op(layer.conv))
     with torch.no_grad():
         expected = layer(x)
         got = op(x)
@@ -101,7 +108,7 @@ def test_separable_block_equals_module(kernels, stride, size, channels):
         for layer in (block.depthwise, block.pointwise):
             layer.conv.bias.uniform_(-0.5, 0.5)
     x = torch.randn(5, c_in, *size).contiguous(memory_format=torch.channels_last)
-    op = _native_separable_op(kernels, block.depthwise.conv, block.pointwise.conv)
+    op = _alone(kernels, _native_separable_op(block.depthwise.conv, block.pointwise.conv))
     with torch.no_grad():
         expected = block(x)
         got = op(x)
@@ -112,8 +119,8 @@ def test_separable_block_equals_module(kernels, stride, size, channels):
 
 @pytest.mark.parametrize("size", [(96, 64), (37, 23), (5, 3)])
 def test_chain_equals_layer_by_layer(kernels, yamnet_model, size):
-    """The patch-by-patch chain (stem, separable blocks, a lone depthwise) is the same arithmetic as the
-    layer-by-layer ops, to the bit: each output sums the same products in the same order."""
+    """The patch-by-patch chain (stem, separable blocks, a lone depthwise) is the same arithmetic as
+    running each layer as a chain of its own, to the bit: the scratch maps hand over exactly."""
     convs = yamnet_model.conv_layers()[:12]
     ops = build_plan(convs, batch=3, height=size[0], width=size[1], native=True)
     layers = ops[0].layers
@@ -122,8 +129,8 @@ def test_chain_equals_layer_by_layer(kernels, yamnet_model, size):
         chained = ops[0](x)
         step = x
         for op in layers:
-            step = op(step)
-    assert chained.shape == step.shape
+            step = _alone(kernels, op)(step)
+    assert len(layers) == 7 and chained.shape == step.shape
     assert torch.equal(chained, step)
 
 
@@ -136,7 +143,7 @@ def test_chain_refuses_a_wrong_input(kernels, yamnet_model):
 def test_results_do_not_depend_on_thread_count(kernels):
     """Each patch is one thread's work in a fixed order: the same bits at 1 and 2 threads."""
     layer = _layer(64, 64, 1, 64, seed=3)
-    op = _native_op(kernels, layer.conv)
+    op = _alone(kernels, _native_op(layer.conv))
     x = torch.randn(9, 64, 12, 8).contiguous(memory_format=torch.channels_last)
     before = torch.get_num_threads()
     try:
@@ -177,22 +184,34 @@ def test_yamnet_native_equals_onednn_and_modules(kernels, yamnet_model):
 
 
 def test_bad_inputs_are_refused(kernels):
-    layer = _layer(16, 16, 1, 16, seed=0)
-    op = _native_op(kernels, layer.conv)
+    """The C side gets bare pointers: wrong inputs and wrong weights must be refused before it runs."""
+    layer = _native_op(_layer(16, 16, 1, 16, seed=0).conv)
+    chain = _alone(kernels, layer)
     nchw = torch.randn(2, 16, 6, 4)
-    taps, bias = op.taps, op.bias
     with pytest.raises(ValueError, match="channels-last"):
-        kernels.depthwise3x3_relu(nchw, taps, bias, 1, 1, 1, 6, 4)
+        kernels.chain_relu(nchw, chain.spec)
     x = nchw.contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="float32"):
-        kernels.depthwise3x3_relu(x.double(), taps, bias, 1, 1, 1, 6, 4)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.depthwise3x3_relu(x, taps[:, :8], bias[:8], 1, 1, 1, 6, 4)
-    with pytest.raises(ValueError, match="refused"):  # the C side checks too: stride 0
-        kernels.depthwise3x3_relu(x, taps, bias, 0, 1, 1, 6, 4)
-    panels = native_kernels.pack_panels(torch.randn(64, 16, 1, 1))
-    with pytest.raises(ValueError, match="panels"):
-        kernels.separable3x3_relu(x, taps, bias, panels[:, :8], torch.zeros(64), 1, 1, 1, 6, 4)
+        kernels.chain_relu(x.double(), chain.spec)
+    with pytest.raises(ValueError, match="chain takes 16 channels"):
+        chain(torch.randn(2, 32, 6, 4))
+    depthwise, stem = native_kernels.CHAIN_DEPTHWISE, native_kernels.CHAIN_STEM
+    with pytest.raises(ValueError, match="expected"):  # taps for 8 channels on a 16-channel map
+        native_kernels.ChainSpec.build(16, [(depthwise, 16, 1, (layer.taps[:, :8].contiguous(), layer.bias,
+                                                                None, None))])
+    with pytest.raises(ValueError, match="expected"):  # a depthwise layer carries no pointwise weights
+        native_kernels.ChainSpec.build(16, [(depthwise, 16, 1, (layer.taps, layer.bias, layer.taps, layer.bias))])
+    with pytest.raises(ValueError, match="no native layer"):
+        native_kernels.ChainSpec.build(16, [(stem, 16, 1, (layer.taps, layer.bias, None, None))])
+    block = _native_separable_op(nn.Conv2d(16, 16, 3, groups=16), nn.Conv2d(16, 64, 1))
+    with pytest.raises(ValueError, match="expected"):
+        native_kernels.ChainSpec.build(16, [(native_kernels.CHAIN_SEPARABLE, 64, 1,
+                                             (block.taps, block.dw_bias, block.panels[:, :8].contiguous(),
+                                              block.pw_bias))])
+    # the C side checks too: a spec that skipped build, with stride 0
+    unchecked = dataclasses.replace(chain.spec, spec=(ctypes.c_int * 3)(depthwise, 16, 0))
+    with pytest.raises(ValueError, match="refused"):
+        kernels.chain_relu(x, unchecked)
 
 
 def test_layers_the_kernels_do_not_cover_stay_on_onednn():
@@ -273,14 +292,15 @@ def test_every_x86_code_path_computes_the_same(kernels, yamnet_model, tmp_path, 
     convs = yamnet_model.conv_layers()
     x = torch.randn(3, 1, 96, 64)
     with torch.inference_mode():
-        stem = _native_op(kernels, convs[0])(x)
-        assert torch.allclose(_native_op(variant, convs[0])(x), stem, atol=TOL, rtol=0)
-        block = _native_separable_op(kernels, convs[1], convs[2])(stem)
-        assert torch.allclose(_native_separable_op(variant, convs[1], convs[2])(stem), block, atol=TOL, rtol=0)
+        stem_op, block_op = _native_op(convs[0]), _native_separable_op(convs[1], convs[2])
+        stem = _alone(kernels, stem_op)(x)
+        assert torch.allclose(_alone(variant, stem_op)(x), stem, atol=TOL, rtol=0)
+        block = _alone(kernels, block_op)(stem)
+        assert torch.allclose(_alone(variant, block_op)(stem), block, atol=TOL, rtol=0)
         wide = torch.randn(2, 512, 6, 4).contiguous(memory_format=torch.channels_last)
         depthwise = [c for c in convs if c.groups == 512][0]  # more than 128 channels: the blocked kernel
-        assert torch.allclose(_native_op(variant, depthwise)(wide), _native_op(kernels, depthwise)(wide),
-                              atol=TOL, rtol=0)
+        wide_op = _native_op(depthwise)
+        assert torch.allclose(_alone(variant, wide_op)(wide), _alone(kernels, wide_op)(wide), atol=TOL, rtol=0)
 
 
 def test_a_patch_embeds_the_same_whatever_else_is_in_the_batch(kernels, yamnet_model):
