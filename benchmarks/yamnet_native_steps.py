@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in order:
             cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--repeats",
                    str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if done.returncode != 0:
+                raise RuntimeError(f"contender {name!r} failed ({done.returncode}):\n{done.stderr[-3000:]}")
             times = json.loads(done.stdout.strip().splitlines()[-1])
             results[name] += times
             logger.info("round %d/%d  %-55s median %.1f ms", round_ + 1, args.rounds, name,
