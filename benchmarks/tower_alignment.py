@@ -33,7 +33,8 @@ from cacara.manifest import Clip, read_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
 from model.text_cache import TextEmbeddingCache  # noqa: E402
 from model.text_centering import MODES, TextCentroids, texts_by_language  # noqa: E402
-from model.text_encoders import build_text_encoder, declared_languages, l2_normalise  # noqa: E402
+from components.embed_text import CachedComposite  # noqa: E402
+from model.text_encoders import build_text_encoder, composite_parts, declared_languages, l2_normalise  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tower_alignment.md"
 ENGLISH = "en"
@@ -57,13 +58,21 @@ def translation_r1(cache: TextEmbeddingCache, clips: list[Clip], language: str,
 
 
 def tower_cache(text_emb: Path, encoder: str, clips: list[Clip]) -> TextEmbeddingCache:
-    """The embed_text cache for ``encoder``, topped up in memory with any caption it lacks."""
+    """The embed_text cache for ``encoder``, topped up in memory with any caption it lacks (a composite
+    from its towers' caches, topped up the same way)."""
     cache = TextEmbeddingCache(text_emb, encoder)
     texts = [t for c in clips for caps in c.captions.values() for t in caps[:1]]
     if cache.missing(texts):
         logger.info("%s: embedding %d captions not in %s", encoder, len(cache.missing(texts)), text_emb)
-        cache.add(texts, build_text_encoder(encoder))
+        parts = composite_parts(encoder)
+        cache.add(texts, CachedComposite(encoder, parts, [tower_cache(text_emb, t, clips) for t, _ in parts])
+                  if parts else build_text_encoder(encoder))
     return cache
+
+
+def common(table: dict[str, dict[str, float | None]], columns: list[str]) -> list[str]:
+    """Languages with a score in every column: the set a mean can compare towers on."""
+    return [lang for lang, row in table.items() if all(row.get(c) is not None for c in columns)]
 
 
 def render(table: dict[str, dict[str, float | None]], columns: list[str], sizes: dict[str, int],
@@ -76,6 +85,8 @@ def render(table: dict[str, dict[str, float | None]], columns: list[str], sizes:
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "| language | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines.append("| chance | " + " | ".join(f"{100 / sizes[c]:.1f}" for c in columns) + " |")
+    lines.append("| **mean of the languages every column scores** | " + " | ".join(
+        f"**{np.mean([table[lang][c] for lang in common(table, columns)]):.1f}**" for c in columns) + " |")
     for language, row in sorted(table.items()):
         cells = [f"{row[c]:.1f}" if row.get(c) is not None else "-" for c in columns]
         lines.append(f"| {language} | " + " | ".join(cells) + " |")
@@ -86,17 +97,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", type=Path, default=REPO / "work" / "dataset")
     ap.add_argument("--text-emb", type=Path, default=REPO / "work" / "text_emb")
-    ap.add_argument("--encoders", nargs="+", default=["e5-small", "use-multilingual", "minilm-en"])
-    ap.add_argument("--splits", nargs="+", default=["all", "test"], help="'all' or split names")
+    ap.add_argument("--encoders", nargs="+",
+                    help="default: params model.text_encoder, the towers it is made of, and the English-only tower")
+    ap.add_argument("--splits", nargs="+", default=["all", "test"],
+                    help="columns: 'all', a split name, or split names joined by ',' (e.g. train,val)")
     ap.add_argument("--centering", choices=MODES, help="default: model.text_centering of params.yaml")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    params = load_params()["model"]
+    all_params = load_params()
+    params = all_params["model"]
+    tower = params["text_encoder"]
+    args.encoders = args.encoders or list(dict.fromkeys(
+        [tower, *(t for t, _ in composite_parts(tower) or []), all_params["evaluate"]["english_only_text_encoder"]]))
     centering = args.centering or params["text_centering"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     clips = read_manifest(args.dataset / "manifest.jsonl")
-    sets = {s: clips if s == "all" else [c for c in clips if c.split == s] for s in args.splits}
+    sets = {s: clips if s == "all" else [c for c in clips if c.split in s.split(",")] for s in args.splits}
     languages = sorted({lang for c in clips for lang in c.captions} - {ENGLISH})
     table: dict[str, dict[str, float | None]] = {lang: {} for lang in languages}
     columns, sizes = [], {}

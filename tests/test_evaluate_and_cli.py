@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from components.evaluate import SYSTEMS, evaluate
+from cacara.manifest import read_manifest
 from components.train import train
 from model.cacara_model import load_model
 from model.text_encoders import build_text_encoder
@@ -111,3 +113,30 @@ def test_cli_bad_inputs_fail_clearly(trained, tmp_path):
     assert proc.returncode != 0 and "too_large" in proc.stderr and "big.wav" in proc.stderr
     proc = _cli("embed-audio", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "z.npy"), str(corrupt))
     assert proc.returncode != 0 and "not a CACARA model folder" in proc.stderr
+
+
+def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path):
+    """A composite tower is assembled from its towers' caches for training, and run live for queries:
+    both must give the same (centred) rows, or the CLI would ask in a space the model never saw."""
+    from components.embed_text import embed_text
+    from model.text_cache import TextEmbeddingCache
+
+    dataset, text_emb, params = tiny_corpus
+    name = "use-multilingual+minilm-en*0.5"
+    emb_dir = tmp_path / "text_emb"
+    shutil.copytree(text_emb, emb_dir)
+    p = {**params, "model": {**params["model"], "text_encoder": name}, "train": {**params["train"], "epochs": 1}}
+    counts = embed_text(dataset, emb_dir, p).counts
+    assert counts["use-multilingual"][1] == counts["minilm-en"][1] == 0, "the towers' caches are reused"
+    assert counts[name][0] == counts["use-multilingual"][0] and counts[name][1] > 0
+    train(dataset, emb_dir, tmp_path / "m", p)
+    model = load_model(tmp_path / "m" / "model")
+    assert model.config["text_encoder"] == name
+    clip = read_manifest(dataset)[0]
+    queries = [clip.captions["fr"][0], clip.captions["en"][0]]  # captions the training cache holds
+    proc = _cli("embed-text", "--model", str(tmp_path / "m" / "model"), "--out", str(tmp_path / "q.npy"), *queries)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emb = np.load(tmp_path / "q.npy")
+    assert emb.shape == (2, 512 + 384)
+    cached = TextEmbeddingCache(emb_dir, name).get(queries)
+    np.testing.assert_allclose(emb, model.text_centroids.apply(cached), atol=1e-5)

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.text_encoders import TextEncoder, build_text_encoder, declared_languages
+from model.text_encoders import (TextEncoder, build_text_encoder, composite_name, composite_parts,
+                                 declared_languages)
 
 # Captions of Tux Paint stamps (GPL-2.0-or-later), as its translators wrote them.
 CAPTIONS = {
@@ -160,3 +161,52 @@ def test_declared_languages_without_loading(use_m, minilm):
     assert declared_languages("minilm-en") == minilm.languages == ["en"]
     assert len(declared_languages("e5-small")) >= 90
     assert declared_languages("hf:/some/checkpoint") == []
+
+
+def test_composite_names_parse_and_refuse_nonsense():
+    assert composite_parts("e5-small") is None
+    assert composite_parts("e5-small+use-multilingual*0.2") == [("e5-small", 1.0), ("use-multilingual", 0.2)]
+    assert composite_parts("hf:/ckpt/a+b") is None, "an hf path containing '+' is still one checkpoint"
+    assert composite_parts("hf:/x+minilm-en*2") == [("hf:/x", 1.0), ("minilm-en", 2.0)]
+    for bad, message in [("e5-small+use-multilingual*zero", "not a number"),
+                         ("e5-small+use-multilingual*0", "must be positive"),
+                         ("e5-small+use-multilingual*-1", "must be positive"),
+                         ("e5-small+use-multilingual*nan", "must be positive"),
+                         ("e5-small+e5-small*2", "twice")]:
+        with pytest.raises(ValueError, match=message):
+            composite_parts(bad)
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        build_text_encoder("e5-small+laser")
+    assert composite_parts(composite_name([("e5-small", 1.0), ("use-multilingual", 0.25)])) == [
+        ("e5-small", 1.0), ("use-multilingual", 0.25)]
+
+
+def test_composite_cosine_is_the_weighted_mean_of_its_towers(use_m, minilm):
+    weight = 0.5
+    composite = build_text_encoder(f"use-multilingual+minilm-en*{weight}", progress=False)
+    assert composite.name == "use-multilingual+minilm-en*0.5"
+    assert composite.dim == use_m.dim + minilm.dim
+    assert composite.languages == declared_languages(composite.name) == use_m.languages  # en is already there
+    _check_rows(composite, use_m.dim + minilm.dim)
+    texts = CAPTIONS["en"] + CAPTIONS["de"]
+    u, m, c = use_m.encode(texts), minilm.encode(texts), composite.encode(texts)
+    np.testing.assert_allclose(c @ c.T, (u @ u.T + weight * (m @ m.T)) / (1 + weight), atol=1e-5)
+    # The English-only tower cannot match German to English; USE can, and keeps doing so in the mix.
+    n = len(CAPTIONS["en"])
+    def matched(e): return float(((e[n:] @ e[:n].T).argmax(1) == np.arange(n)).mean())
+    assert matched(m) < matched(c) <= matched(u) + 1e-9
+
+
+def test_composite_from_caches_equals_the_live_composite(use_m, minilm, tmp_path):
+    from components.embed_text import CachedComposite
+    from model.text_cache import TextEmbeddingCache
+
+    name = "use-multilingual*2+minilm-en"
+    texts = CAPTIONS["en"] + CAPTIONS["ru"]
+    caches = []
+    for enc in (use_m, minilm):
+        cache = TextEmbeddingCache(tmp_path, enc.name)
+        cache.add(texts, enc)
+        caches.append(cache)
+    cached = CachedComposite(name, composite_parts(name), caches).encode(texts)
+    np.testing.assert_allclose(cached, build_text_encoder(name, progress=False).encode(texts), atol=1e-6)
