@@ -12,7 +12,7 @@ The same trained models are also scored on each split's VALIDATION clips, pooled
 that pooled validation score is what a setting may be chosen on (``--set`` runs a variant); the
 pooled test figures only report. Writes ``benchmarks/results/split_spread.md`` (or ``--out``).
 
-    CACARA_WEIGHTS_DIR=work/weights .venv/bin/python benchmarks/split_spread.py --splits 10
+    CACARA_WEIGHTS_DIR=work/weights .venv/bin/python benchmarks/split_spread.py --splits 20
     CACARA_WEIGHTS_DIR=work/weights .venv/bin/python benchmarks/split_spread.py --splits 10 \
         --set train.trainable=projection --out benchmarks/results/split_spread_projection.md
 """
