@@ -256,8 +256,10 @@ def _plot(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Ties broken by name: a set's order changes with the process's hash seed, and so would the plot.
     langs = sorted({r["language"] for r in rows},
-                   key=lambda l: -next((r[metric] for r in rows if r["system"] == "trained" and r["language"] == l), 0))
+                   key=lambda l: (-next((r[metric] for r in rows if r["system"] == "trained" and r["language"] == l),
+                                        0), l))
     by = {(r["system"], r["language"]): r[metric] for r in rows}
     y = np.arange(len(langs))
     height = 0.2

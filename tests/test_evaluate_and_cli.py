@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import json
 import subprocess
@@ -140,3 +141,21 @@ def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path):
     assert emb.shape == (2, 512 + 384)
     cached = TextEmbeddingCache(emb_dir, name).get(queries)
     np.testing.assert_allclose(emb, model.text_centroids.apply(cached), atol=1e-5)
+
+
+def test_per_language_plot_does_not_depend_on_the_hash_seed(tmp_path):
+    """Tied languages once kept a set's order, which changes with PYTHONHASHSEED: every `dvc repro`
+    then drew a different PNG and dvc.lock changed with nothing else changed."""
+    script = (
+        "import sys; from pathlib import Path; from components.evaluate import SYSTEMS, _plot\n"
+        "rows = [{'system': s, 'language': l, 't2a_R@1': v} for s in SYSTEMS\n"
+        "        for l, v in zip(['de', 'fr', 'es', 'it', 'ja', 'ko'], [20.0, 10.0, 20.0, 10.0, 20.0, 5.0])]\n"
+        "_plot(rows, Path(sys.argv[1]), 't2a_R@1')\n")
+    pngs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"plot{seed}.png"
+        proc = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pngs.append(out.read_bytes())
+    assert pngs[0][:4] == b"\x89PNG" and pngs[0] == pngs[1] == pngs[2]
