@@ -210,3 +210,13 @@ def test_composite_from_caches_equals_the_live_composite(use_m, minilm, tmp_path
         caches.append(cache)
     cached = CachedComposite(name, composite_parts(name), caches).encode(texts)
     np.testing.assert_allclose(cached, build_text_encoder(name, progress=False).encode(texts), atol=1e-6)
+
+
+def test_composite_with_a_transformers_tower(tiny_bert, use_m):
+    """The cluster configuration: a local hf: checkpoint next to a packaged tower, one frozen space."""
+    composite = build_text_encoder(f"hf:{tiny_bert}+use-multilingual*0.5", progress=False)
+    assert [e.dim for e in composite.encoders] == [32, use_m.dim]
+    assert composite.languages == use_m.languages  # the hf tower declares none
+    hf = composite.encoders[0]
+    assert not hf.model.training and not any(p.requires_grad for p in hf.model.parameters())
+    _check_rows(composite, 32 + use_m.dim)
