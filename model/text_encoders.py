@@ -232,7 +232,9 @@ class CompositeTextEncoder(TextEncoder):
     The cosine of two composite rows is then the weighted mean of the towers' cosines, so a tower that
     cannot read a language lowers that language's scores by its share instead of replacing them.
     Weights are shares of the cosine, not of the vector: ``e5-small+use-multilingual*0.2`` gives e5
-    1/1.2 and USE 0.2/1.2 of every similarity.
+    1/1.2 and USE 0.2/1.2 of every similarity. That holds for the raw rows; the model's text centring
+    then removes more of anisotropic e5's block than of USE's, which is why a small USE weight already
+    moves ja/ko (weights are chosen on measurements, ``benchmarks/results/split_spread_towers.md``).
     """
 
     def __init__(self, parts: Sequence[tuple[str, float]], name: str | None = None,
@@ -243,7 +245,7 @@ class CompositeTextEncoder(TextEncoder):
         self.parts = [(tower, float(weight)) for tower, weight in parts]
         # The name as configured: caches and saved models key on it, so it is kept, not re-spelled.
         self.name = name or composite_name(self.parts)
-        self.encoders = [build_text_encoder(name, batch_size=batch_size, progress=progress) for name, _ in parts]
+        self.encoders = [build_text_encoder(tower, batch_size=batch_size, progress=progress) for tower, _ in parts]
         self.dim = sum(e.dim for e in self.encoders)
         self.languages = union_languages([e.languages for e in self.encoders])
 
