@@ -13,8 +13,8 @@ that pooled validation score is what a setting may be chosen on (``--set`` runs 
 pooled test figures only report. Writes ``benchmarks/results/split_spread.md`` (or ``--out``).
 
     CACARA_WEIGHTS_DIR=work/weights .venv/bin/python benchmarks/split_spread.py --splits 20
-    CACARA_WEIGHTS_DIR=work/weights .venv/bin/python benchmarks/split_spread.py --splits 10 \
-        --set train.trainable=projection --out benchmarks/results/split_spread_projection.md
+    CACARA_WEIGHTS_DIR=work/weights .venv/bin/python benchmarks/split_spread.py --splits 6 \
+        --set train.trainable=projection --out benchmarks/results/split_spread_6splits_projection.md
 """
 
 from __future__ import annotations
