@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 from cacara.manifest import Clip, read_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
-from model.text_cache import TextEmbeddingCache  # noqa: E402
+from components.embed_text import encoders_needed  # noqa: E402
+from model.text_cache import TextEmbeddingCache, encoder_for_cache  # noqa: E402
 from model.text_centering import MODES, TextCentroids, texts_by_language  # noqa: E402
-from components.embed_text import CachedComposite  # noqa: E402
-from model.text_encoders import build_text_encoder, composite_parts, declared_languages, l2_normalise  # noqa: E402
+from model.text_encoders import declared_languages, l2_normalise  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tower_alignment.md"
 ENGLISH = "en"
@@ -64,9 +64,7 @@ def tower_cache(text_emb: Path, encoder: str, clips: list[Clip]) -> TextEmbeddin
     texts = [t for c in clips for caps in c.captions.values() for t in caps[:1]]
     if cache.missing(texts):
         logger.info("%s: embedding %d captions not in %s", encoder, len(cache.missing(texts)), text_emb)
-        parts = composite_parts(encoder)
-        cache.add(texts, CachedComposite(encoder, parts, [tower_cache(text_emb, t, clips) for t, _ in parts])
-                  if parts else build_text_encoder(encoder))
+        cache.add(texts, encoder_for_cache(encoder, lambda tower: tower_cache(text_emb, tower, clips)))
     return cache
 
 
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", type=Path, default=REPO / "work" / "dataset")
     ap.add_argument("--text-emb", type=Path, default=REPO / "work" / "text_emb")
     ap.add_argument("--encoders", nargs="+",
-                    help="default: params model.text_encoder, the towers it is made of, and the English-only tower")
+                    help="default: params model.text_encoder first, then every tower embed_text caches")
     ap.add_argument("--splits", nargs="+", default=["all", "test"],
                     help="columns: 'all', a split name, or split names joined by ',' (e.g. train,val)")
     ap.add_argument("--centering", choices=MODES, help="default: model.text_centering of params.yaml")
@@ -106,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     all_params = load_params()
     params = all_params["model"]
-    tower = params["text_encoder"]
-    args.encoders = args.encoders or list(dict.fromkeys(
-        [tower, *(t for t, _ in composite_parts(tower) or []), all_params["evaluate"]["english_only_text_encoder"]]))
+    args.encoders = args.encoders or list(dict.fromkeys([params["text_encoder"], *encoders_needed(all_params)]))
     centering = args.centering or params["text_centering"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

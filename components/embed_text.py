@@ -36,20 +36,17 @@ def class_prompts(params: dict[str, Any]) -> list[str]:
 
 def embed_text(dataset_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> EmbedTextResult:
     """Fill the per-encoder caches in ``out_dir`` with every caption and class prompt not cached yet."""
-    from model.text_encoders import build_text_encoder, composite_parts
+    from model.text_cache import encoder_for_cache
 
     clips = read_manifest(dataset_dir)
     texts = sorted({text for _, _, _, text in iter_captions(clips)} | set(class_prompts(params)))
     counts: dict[str, tuple[int, int]] = {}
+    caches: dict[str, TextEmbeddingCache] = {}
     for name in encoders_needed(params):
-        cache = TextEmbeddingCache(out_dir, name)
+        cache = caches[name] = TextEmbeddingCache(out_dir, name)
         todo = cache.missing(texts)
-        parts = composite_parts(name)
-        # A composite is assembled from its towers' caches (filled first, in this loop's order), so
-        # re-weighting towers costs no text encoding.
-        encoder = (CachedComposite(name, parts, [TextEmbeddingCache(out_dir, t) for t, _ in parts]) if parts
-                   else build_text_encoder(name))
-        new = cache.add(todo, encoder) if todo else 0
+        # A composite's towers come earlier in this loop, so their caches already hold every text.
+        new = cache.add(todo, encoder_for_cache(name, caches.__getitem__)) if todo else 0
         cache.save()
         counts[name] = (len(cache), new)
         log.info("%s: %d texts cached, %d embedded now", name, len(cache), new)
@@ -66,14 +63,3 @@ def encoders_needed(params: dict[str, Any]) -> list[str]:
     expanded = [t for name in names for t in [*(t for t, _ in composite_parts(name) or []), name]]
     return list(dict.fromkeys(expanded))
 
-
-class CachedComposite:
-    """A composite tower that reads its towers' rows from their caches instead of running them."""
-
-    def __init__(self, name: str, parts: list[tuple[str, float]], caches: list[TextEmbeddingCache]):
-        self.name, self.parts, self.caches = name, parts, caches
-
-    def encode(self, texts: list[str]):
-        from model.text_encoders import combine_towers
-
-        return combine_towers(self.parts, [cache.get(texts) for cache in self.caches])

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -89,3 +89,25 @@ class TextEmbeddingCache:
         np.savez(tmp, keys=keys, emb=self._emb, meta=np.array(meta))
         tmp.replace(self.path)
         return self.path
+
+
+class CachedComposite:
+    """A composite tower that reads its towers' rows from their caches instead of running them, so
+    re-weighting towers costs no text encoding."""
+
+    def __init__(self, name: str, parts: Sequence[tuple[str, float]], caches: Sequence[TextEmbeddingCache]):
+        self.name, self.parts, self.caches = name, list(parts), list(caches)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        from model.text_encoders import combine_towers
+
+        return combine_towers(self.parts, [cache.get(list(texts)) for cache in self.caches])
+
+
+def encoder_for_cache(name: str, part_cache: Callable[[str], TextEmbeddingCache]):
+    """What fills ``name``'s cache: a composite from ``part_cache(tower)`` of each of its towers (which
+    must already hold the texts), any other tower run live."""
+    from model.text_encoders import build_text_encoder, composite_parts
+
+    parts = composite_parts(name)
+    return CachedComposite(name, parts, [part_cache(t) for t, _ in parts]) if parts else build_text_encoder(name)

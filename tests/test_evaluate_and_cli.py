@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from components.evaluate import SYSTEMS, evaluate
 from cacara.manifest import read_manifest
+from components.evaluate import SYSTEMS, evaluate
 from components.train import train
 from model.cacara_model import load_model
 from model.text_encoders import build_text_encoder
@@ -116,7 +116,7 @@ def test_cli_bad_inputs_fail_clearly(trained, tmp_path):
     assert proc.returncode != 0 and "not a CACARA model folder" in proc.stderr
 
 
-def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path):
+def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path, monkeypatch):
     """A composite tower is assembled from its towers' caches for training, and run live for queries:
     both must give the same (centred) rows, or the CLI would ask in a space the model never saw."""
     from components.embed_text import embed_text
@@ -130,6 +130,15 @@ def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path):
     counts = embed_text(dataset, emb_dir, p).counts
     assert counts["use-multilingual"][1] == counts["minilm-en"][1] == 0, "the towers' caches are reused"
     assert counts[name][0] == counts["use-multilingual"][0] and counts[name][1] > 0
+    # A rerun with everything cached loads no tower at all (e5 alone takes seconds to load).
+    import model.text_encoders as text_encoders
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("embed_text built a tower although every text was cached")
+
+    monkeypatch.setattr(text_encoders, "build_text_encoder", refuse)
+    assert all(new == 0 for _, new in embed_text(dataset, emb_dir, p).counts.values())
+    monkeypatch.undo()
     train(dataset, emb_dir, tmp_path / "m", p)
     model = load_model(tmp_path / "m" / "model")
     assert model.config["text_encoder"] == name

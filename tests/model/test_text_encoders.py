@@ -198,8 +198,7 @@ def test_composite_cosine_is_the_weighted_mean_of_its_towers(use_m, minilm):
 
 
 def test_composite_from_caches_equals_the_live_composite(use_m, minilm, tmp_path):
-    from components.embed_text import CachedComposite
-    from model.text_cache import TextEmbeddingCache
+    from model.text_cache import CachedComposite, TextEmbeddingCache
 
     name = "use-multilingual*2+minilm-en"
     texts = CAPTIONS["en"] + CAPTIONS["ru"]
