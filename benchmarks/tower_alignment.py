@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
 
     clips = read_manifest(args.dataset / "manifest.jsonl")
     sets = {s: clips if s == "all" else [c for c in clips if c.split in s.split(",")] for s in args.splits}
+    empty = [s for s, subset in sets.items() if not subset]
+    if empty:
+        ap.error(f"--splits {' '.join(empty)}: no clips; the manifest's splits are "
+                 f"{', '.join(sorted({c.split for c in clips}))}")
     languages = sorted({lang for c in clips for lang in c.captions} - {ENGLISH})
     table: dict[str, dict[str, float | None]] = {lang: {} for lang in languages}
     columns, sizes = [], {}

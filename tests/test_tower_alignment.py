@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from cacara.manifest import Clip
+from cacara.manifest import Clip, write_manifest
 from model.text_cache import TextEmbeddingCache
 from tests.conftest import REPO
 
@@ -47,3 +47,10 @@ def test_translation_r1_hand_computed(tmp_path):
     assert tower_alignment.translation_r1(cache, clips, "xx") == pytest.approx(200 / 3)
     assert tower_alignment.translation_r1(cache, clips, "en") == 100.0
     assert tower_alignment.translation_r1(cache, clips, "yy") is None  # not every clip has a yy caption
+
+
+def test_a_split_without_clips_is_refused_by_name(tmp_path, capsys):
+    write_manifest([_clip(0, {"en": ["A cow."]}), _clip(1, {"en": ["A dog."]})], tmp_path)  # both in "test"
+    with pytest.raises(SystemExit):
+        tower_alignment.main(["--dataset", str(tmp_path), "--splits", "test", "train,val"])
+    assert "--splits train,val: no clips; the manifest's splits are test" in capsys.readouterr().err
