@@ -34,7 +34,7 @@ from cacara.params import load_params  # noqa: E402
 from components.embed_text import encoders_needed  # noqa: E402
 from model.text_cache import TextEmbeddingCache, encoder_for_cache  # noqa: E402
 from model.text_centering import MODES, TextCentroids, texts_by_language  # noqa: E402
-from model.text_encoders import declared_languages, l2_normalise  # noqa: E402
+from model.text_encoders import composite_parts, declared_languages, l2_normalise  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tower_alignment.md"
 ENGLISH = "en"
@@ -58,9 +58,10 @@ def translation_r1(cache: TextEmbeddingCache, clips: list[Clip], language: str,
 
 
 def tower_cache(text_emb: Path, encoder: str, clips: list[Clip]) -> TextEmbeddingCache:
-    """The embed_text cache for ``encoder``, topped up in memory with any caption it lacks (a composite
-    from its towers' caches, topped up the same way)."""
-    cache = TextEmbeddingCache(text_emb, encoder)
+    """The embed_text cache for ``encoder``, topped up in memory with any caption it lacks; a composite
+    is assembled from its towers' caches (topped up the same way), never read from a file an older
+    composite rule may have written."""
+    cache = TextEmbeddingCache(text_emb, encoder, load=composite_parts(encoder) is None)
     texts = [t for c in clips for caps in c.captions.values() for t in caps[:1]]
     if cache.missing(texts):
         logger.info("%s: embedding %d captions not in %s", encoder, len(cache.missing(texts)), text_emb)

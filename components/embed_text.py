@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EmbedTextResult:
     out_dir: Path
-    counts: dict[str, tuple[int, int]]  # encoder -> (texts cached, newly embedded this run)
+    counts: dict[str, tuple[int, int]]  # encoder -> (texts cached, newly embedded this run; 0 for a composite)
 
     def summary(self) -> str:
         return "embed_text: " + "; ".join(f"{name}: {total} texts ({new} new)"
@@ -37,19 +37,23 @@ def class_prompts(params: dict[str, Any]) -> list[str]:
 def embed_text(dataset_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> EmbedTextResult:
     """Fill the per-encoder caches in ``out_dir`` with every caption and class prompt not cached yet."""
     from model.text_cache import encoder_for_cache
+    from model.text_encoders import composite_parts
 
     clips = read_manifest(dataset_dir)
     texts = sorted({text for _, _, _, text in iter_captions(clips)} | set(class_prompts(params)))
     counts: dict[str, tuple[int, int]] = {}
     caches: dict[str, TextEmbeddingCache] = {}
     for name in encoders_needed(params):
-        cache = caches[name] = TextEmbeddingCache(out_dir, name)
+        # A composite's towers come earlier in this loop, so their caches already hold every text; its
+        # own rows are re-assembled from them (no text encoding), never read back from an older run.
+        composite = composite_parts(name) is not None
+        cache = caches[name] = TextEmbeddingCache(out_dir, name, load=not composite)
         todo = cache.missing(texts)
-        # A composite's towers come earlier in this loop, so their caches already hold every text.
         new = cache.add(todo, encoder_for_cache(name, caches.__getitem__)) if todo else 0
         cache.save()
-        counts[name] = (len(cache), new)
-        log.info("%s: %d texts cached, %d embedded now", name, len(cache), new)
+        counts[name] = (len(cache), 0 if composite else new)
+        log.info("%s: %d texts cached, %s", name, len(cache),
+                 "assembled from its towers' caches" if composite else f"{new} embedded now")
     return EmbedTextResult(Path(out_dir), counts)
 
 

@@ -110,20 +110,40 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _code_fingerprint() -> str:
     """The training code itself: a checkpoint written by other code is not resumed."""
-    import model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.yamnet  # noqa: E401
+    import model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.text_centering, model.yamnet  # noqa: E401,E501
 
     digest = hashlib.sha256()
-    for mod in (model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.yamnet):
+    for mod in (model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.text_centering,
+                model.yamnet):
         digest.update(Path(mod.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def config_hash(params: dict[str, Any], text_encoder: str, manifest_sha: str) -> str:
+def inputs_fingerprint(model: CacaraModel, text_rows: np.ndarray) -> str:
+    """The numbers a run starts from: the initial model (its text-centric head holds the frozen
+    tower's class-name rows), the caption rows it trains and selects against, and their centring.
+    The settings alone do not pin these down: a re-assembled composite cache or a new centring rule
+    changes them under identical params, and resuming then would finish one run with another's epochs."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(np.ascontiguousarray(text_rows, dtype=np.float32).tobytes())
+    centroids = model.text_centroids
+    digest.update(json.dumps([centroids.mode, centroids.blocks]).encode())
+    for key in sorted(centroids.vectors):
+        digest.update(key.encode())
+        digest.update(centroids.vectors[key].tobytes())
+    return digest.hexdigest()[:16]
+
+
+def config_hash(params: dict[str, Any], text_encoder: str, manifest_sha: str, inputs_sha: str) -> str:
     """What a checkpoint was trained under; resuming under anything else would mix two runs."""
     keys = {"code": _code_fingerprint(), "model": params["model"], "train": {k: v for k, v in params["train"].items()
                                                 if k not in ("device", "num_workers")},
-            "text_encoder": text_encoder, "data": manifest_sha, "audio": params["audio"]["sample_rate"]}
+            "text_encoder": text_encoder, "data": manifest_sha, "audio": params["audio"]["sample_rate"],
+            "inputs": inputs_sha}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -206,13 +226,14 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     val_captions = [(i, t) for i, c in enumerate(val_clips) for t in c.captions_in(lang)]
     centroids = text_centroids_for(params, clips, cache)
     val_text = centroids.apply(cache.get([t for _, t in val_captions]), lang)
-    cache.get([t for caps in train_caps for t in caps])  # fail now, not mid-epoch, if embed_text was skipped
+    train_text = cache.get([t for caps in train_caps for t in caps])  # fails now, not mid-epoch, if embed_text was skipped
     sr = int(params["audio"]["sample_rate"])
     train_audio = ClipAudio(dataset_dir, train_clips, sr)
     val_audio = [w for w in ClipAudio(dataset_dir, val_clips, sr)]
 
     model = build_model(params, text_encoder, cache).to(dd.device)
     model.text_centroids = centroids
+    inputs_sha = inputs_fingerprint(model, np.concatenate([train_text, val_text]))
     head_params, backbone_params = set_trainable(model, p["trainable"], int(p["last_blocks"]),
                                                bool(p["train_class_vectors"]))
     loss_fn = ContrastiveLoss(float(p["init_temperature"]), float(p["max_logit_scale"])).to(dd.device)
@@ -229,7 +250,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(epochs * steps_per_epoch, int(p["warmup_epochs"]) * steps_per_epoch))
 
-    chash = config_hash(params, text_encoder, manifest_sha)
+    chash = config_hash(params, text_encoder, manifest_sha, inputs_sha)
     last = out / CKPT_DIR / "last.safetensors"
     start_epoch, best_score, best_epoch, history, resumed = 1, -1.0, 0, [], None
     if last.exists() and json.loads(last.with_suffix(".json").read_text()).get("config") == chash:

@@ -28,18 +28,23 @@ def text_key(encoder_name: str, text: str) -> str:
 class TextEmbeddingCache:
     """An on-disk map text -> L2-normalised vector for one encoder (``<dir>/<encoder>.npz``)."""
 
-    def __init__(self, directory: str | Path, encoder_name: str):
+    def __init__(self, directory: str | Path, encoder_name: str, load: bool = True):
+        """``load=False`` starts empty even when the file exists (a composite's rows are re-assembled
+        from its towers' caches on every run, so rows written by an older rule never linger)."""
         self.encoder_name = encoder_name
         self.path = Path(directory) / f"{SAFE.sub('_', encoder_name)}.npz"
         self._index: dict[str, int] = {}
         self._emb = np.zeros((0, 0), dtype=np.float32)
-        if self.path.exists():
+        #: Widths of a composite's tower blocks, in order (None: one tower); text centring needs them.
+        self.blocks: list[int] | None = None
+        if load and self.path.exists():
             with np.load(self.path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if meta.get("encoder") != encoder_name:
                     raise ValueError(f"{self.path} holds {meta.get('encoder')!r}, not {encoder_name!r}")
                 self._emb = data["emb"].astype(np.float32)
                 self._index = {k: i for i, k in enumerate(data["keys"].tolist())}
+                self.blocks = meta.get("blocks")
 
     def __len__(self) -> int:
         return len(self._index)
@@ -62,6 +67,10 @@ class TextEmbeddingCache:
             return 0
         if encoder.name != self.encoder_name:
             raise ValueError(f"cache for {self.encoder_name!r} given encoder {encoder.name!r}")
+        blocks = getattr(encoder, "blocks", None)
+        if self._index and blocks != self.blocks:
+            raise ValueError(f"{self.path}: cached rows have tower blocks {self.blocks}, {encoder.name} gives {blocks}")
+        self.blocks = blocks
         vecs = np.asarray(encoder.encode(todo), dtype=np.float32)
         if vecs.shape[0] != len(todo):
             raise RuntimeError(f"{encoder.name} returned {vecs.shape[0]} rows for {len(todo)} texts")
@@ -84,7 +93,7 @@ class TextEmbeddingCache:
     def save(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = np.array(sorted(self._index, key=self._index.get), dtype="U64")
-        meta = json.dumps({"encoder": self.encoder_name, "dim": self.dim, "count": len(self)})
+        meta = json.dumps({"encoder": self.encoder_name, "dim": self.dim, "count": len(self), "blocks": self.blocks})
         tmp = self.path.with_name(self.path.name + ".tmp.npz")
         np.savez(tmp, keys=keys, emb=self._emb, meta=np.array(meta))
         tmp.replace(self.path)
@@ -97,11 +106,13 @@ class CachedComposite:
 
     def __init__(self, name: str, parts: Sequence[tuple[str, float]], caches: Sequence[TextEmbeddingCache]):
         self.name, self.parts, self.caches = name, list(parts), list(caches)
+        self.blocks = [cache.dim for cache in self.caches]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         from model.text_encoders import combine_towers
 
-        return combine_towers(self.parts, [cache.get(list(texts)) for cache in self.caches])
+        texts = list(texts)
+        return combine_towers(self.parts, [cache.get(texts) for cache in self.caches], texts)
 
 
 def encoder_for_cache(name: str, part_cache: Callable[[str], TextEmbeddingCache]):

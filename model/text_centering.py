@@ -14,6 +14,11 @@ The means are statistics of the frozen tower over unpaired text (the captions of
 validation splits, no audio involved), stored with the trained model so the CLI and any service
 centre queries exactly as training and evaluation did. A language without a mean of its own falls
 back to its base language (pt-BR -> pt), then to the mean over all languages.
+
+Composite towers (model/text_encoders.py) leave a tower's block at zero for a text the tower cannot
+read. Centring must keep it there: subtracting the block's mean would put back the same vector into
+every such query, exactly the clip-dependent bias centring exists to remove. So with the block
+widths known, a block is centred only where it is non-zero, and its mean is taken over those rows.
 """
 
 from __future__ import annotations
@@ -32,13 +37,18 @@ FILE = "text_centroids.npz"
 class TextCentroids:
     """Mean vectors of one text tower: one per language plus the overall mean (``GLOBAL_KEY``)."""
 
-    def __init__(self, mode: str, vectors: dict[str, np.ndarray] | None = None):
+    def __init__(self, mode: str, vectors: dict[str, np.ndarray] | None = None, blocks: Sequence[int] | None = None):
         if mode not in MODES:
             raise ValueError(f"text centring {mode!r}: expected one of {MODES}")
         self.mode = mode
         self.vectors = {k: np.asarray(v, dtype=np.float32) for k, v in (vectors or {}).items()}
+        #: Tower block widths of a composite tower (None: one block, the whole row).
+        self.blocks = [int(b) for b in blocks] if blocks else None
         if mode != "none" and GLOBAL_KEY not in self.vectors:
             raise ValueError(f"text centring {mode!r} needs an overall mean (key {GLOBAL_KEY!r})")
+        for key, v in self.vectors.items():
+            if self.blocks and v.shape[-1] != sum(self.blocks):
+                raise ValueError(f"text centring: mean {key!r} has {v.shape[-1]} dims, blocks sum to {sum(self.blocks)}")
 
     @classmethod
     def compute(cls, mode: str, texts_by_language: dict[str, Sequence[str]], cache, min_texts: int) -> TextCentroids:
@@ -48,12 +58,13 @@ class TextCentroids:
         all_texts = [t for texts in texts_by_language.values() for t in texts]
         if not all_texts:
             raise ValueError("text centring needs some captions to estimate the mean from")
-        vectors = {GLOBAL_KEY: cache.get(all_texts).mean(axis=0)}
+        blocks = getattr(cache, "blocks", None)
+        vectors = {GLOBAL_KEY: _block_mean(cache.get(all_texts), blocks)}
         if mode == "language":
             for lang, texts in texts_by_language.items():
                 if len(texts) >= min_texts:
-                    vectors[lang] = cache.get(list(texts)).mean(axis=0)
-        return cls(mode, vectors)
+                    vectors[lang] = _block_mean(cache.get(list(texts)), blocks)
+        return cls(mode, vectors, blocks)
 
     def vector(self, language: str | None) -> np.ndarray | None:
         """The mean to subtract for ``language`` (None: the language is unknown)."""
@@ -71,7 +82,7 @@ class TextCentroids:
         c = self.vector(language)
         if c is None:
             return emb
-        out = emb - c
+        out = (emb - c) * _present(emb, self.blocks)
         norms = np.linalg.norm(out, axis=-1, keepdims=True)
         return (out / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
 
@@ -81,7 +92,8 @@ class TextCentroids:
         keys = sorted(self.vectors)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, mode=np.array(self.mode), languages=np.array(keys, dtype=str),
-                 vectors=np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, 0), np.float32))
+                 vectors=np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, 0), np.float32),
+                 blocks=np.array(self.blocks or [], dtype=np.int64))
         tmp.replace(path)
         return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -98,7 +110,26 @@ class TextCentroids:
             raise ValueError(f"{path} does not match its recorded sha256 (corrupt or replaced)")
         with np.load(path, allow_pickle=False) as data:
             keys = [str(k) for k in data["languages"]]
-            return cls(str(data["mode"]), dict(zip(keys, data["vectors"])))
+            blocks = data["blocks"].tolist() if "blocks" in data.files else None
+            return cls(str(data["mode"]), dict(zip(keys, data["vectors"])), blocks)
+
+
+def _present(rows: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
+    """1 where a row's tower block holds a vector, 0 where the composite left the block out; per element."""
+    if not blocks:
+        return np.ones_like(rows)
+    edges = np.cumsum([0, *blocks])
+    if rows.shape[-1] != edges[-1]:
+        raise ValueError(f"text centring: rows have {rows.shape[-1]} dims, tower blocks sum to {edges[-1]}")
+    keep = [np.repeat(np.any(rows[:, a:b] != 0, axis=1, keepdims=True), b - a, axis=1)
+            for a, b in zip(edges[:-1], edges[1:])]
+    return np.concatenate(keep, axis=1).astype(rows.dtype)
+
+
+def _block_mean(rows: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
+    """Mean row; with tower blocks, each block's mean over the rows where that block is present."""
+    present = _present(rows, blocks)
+    return (rows * present).sum(axis=0) / np.maximum(present.sum(axis=0), 1.0)
 
 
 def texts_by_language(clips: Iterable, splits: Sequence[str]) -> dict[str, list[str]]:

@@ -17,7 +17,8 @@ Implementations (all load offline from installed packages or local directories):
 * ``A+B*w``: a composite of frozen towers, their rows concatenated (``*w`` weights a tower's share of
   every cosine; default 1). Towers fail on different languages (the 16-language USE matches Japanese
   and Korean captions to their English originals far better than 4-bit e5, e5 covers ~100 languages),
-  and a concatenation is still one frozen space the audio branch can learn to reach.
+  and a concatenation is still one frozen space the audio branch can learn to reach. A tower only
+  speaks for texts in scripts it reads (``TextEncoder.scripts``, model/text_scripts.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ UNSET_TOKENIZER_LIMIT = 10**6
 USE_MULTILINGUAL_LANGUAGES = (
     "ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "ru", "th", "tr", "zh", "zh-TW",
 )
+#: The scripts of those 16 languages: USE's vocabulary has no pieces for others (Greek, Devanagari,
+#: Ethiopic ... come out at chance in benchmarks/results/tower_alignment.md).
+USE_MULTILINGUAL_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "ARABIC", "CJK", "HANGUL", "THAI"})
 #: XLM-R's pre-training languages (CC-100), inherited by multilingual-e5. Romanised variants of
 #: bn/hi/ta/te/ur and Burmese Zawgyi are folded into their base codes.
 XLMR_LANGUAGES = (
@@ -75,6 +79,9 @@ class TextEncoder(abc.ABC):
     name: str
     dim: int
     languages: list[str]
+    #: Scripts (model/text_scripts.py) the tower's tokenizer reads; None: every script. Only composites
+    #: use it, to leave a tower out of the texts it cannot read.
+    scripts: frozenset[str] | None = None
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
         if batch_size < 1:
@@ -109,6 +116,7 @@ class UseMultilingualEncoder(TextEncoder):
 
     name = "use-multilingual"
     languages = list(USE_MULTILINGUAL_LANGUAGES)
+    scripts = USE_MULTILINGUAL_SCRIPTS
 
     def __init__(self, threads: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
         super().__init__(batch_size, progress)
@@ -204,6 +212,7 @@ class MiniLMEnglishEncoder(HFTextEncoder):
     """
 
     languages = ["en"]
+    scripts = frozenset({"LATIN"})
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, device: str = "cpu"):
         path = self.model_dir()
@@ -230,11 +239,17 @@ class CompositeTextEncoder(TextEncoder):
     """Several frozen towers as one: each tower's unit rows scaled by sqrt(its weight share), concatenated.
 
     The cosine of two composite rows is then the weighted mean of the towers' cosines, so a tower that
-    cannot read a language lowers that language's scores by its share instead of replacing them.
+    is weak on a language lowers that language's scores by its share instead of replacing them.
     Weights are shares of the cosine, not of the vector: ``e5-small+use-multilingual*0.2`` gives e5
     1/1.2 and USE 0.2/1.2 of every similarity. That holds for the raw rows; the model's text centring
     then removes more of anisotropic e5's block than of USE's, which is why a small USE weight already
     moves ja/ko (weights are chosen on measurements, ``benchmarks/results/split_spread_towers.md``).
+
+    A tower whose tokenizer cannot read a text's script (``TextEncoder.scripts``) gives that text a
+    zero block instead of noise: USE has no pieces for Amharic or Greek, and its near-random rows for
+    them cost those languages points in every composite (``benchmarks/results/split_spread.md``).
+    The text's score then comes from the towers that read it; the text centring keeps the block at
+    zero (model/text_centering.py). A text no tower reads keeps every block.
     """
 
     def __init__(self, parts: Sequence[tuple[str, float]], name: str | None = None,
@@ -246,14 +261,16 @@ class CompositeTextEncoder(TextEncoder):
         # The name as configured: caches and saved models key on it, so it is kept, not re-spelled.
         self.name = name or composite_name(self.parts)
         self.encoders = [build_text_encoder(tower, batch_size=batch_size, progress=progress) for tower, _ in parts]
-        self.dim = sum(e.dim for e in self.encoders)
+        self.blocks = [e.dim for e in self.encoders]
+        self.dim = sum(self.blocks)
         self.languages = union_languages([e.languages for e in self.encoders])
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Each tower batches (and shows progress) on its own; rows are already unit length."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings; wrap a single caption in a list")
-        return combine_towers(self.parts, [enc.encode(texts) for enc in self.encoders])
+        texts = list(texts)
+        return combine_towers(self.parts, [enc.encode(texts) for enc in self.encoders], texts)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         return self.encode(texts)
@@ -296,13 +313,29 @@ def composite_parts(name: str) -> list[tuple[str, float]] | None:
     return parts
 
 
-def combine_towers(parts: Sequence[tuple[str, float]], rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Composite rows from each tower's unit rows (same texts, same order): block i scaled by
-    sqrt(w_i / sum w), so that a composite cosine is the weighted mean of the towers' cosines."""
+def reading_towers(parts: Sequence[tuple[str, float]], texts: Sequence[str]) -> np.ndarray:
+    """bool [len(texts), len(parts)]: which towers read each text's script (all of them, when none does)."""
+    from model.text_scripts import dominant_script, reads
+
+    tower_scripts = [declared_scripts(tower) for tower, _ in parts]
+    mask = np.array([[reads(ts, dominant_script(t)) for ts in tower_scripts] for t in texts],
+                    dtype=bool).reshape(len(texts), len(parts))
+    mask[~mask.any(axis=1)] = True
+    return mask
+
+
+def combine_towers(parts: Sequence[tuple[str, float]], rows: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
+    """Composite rows from each tower's unit rows for ``texts`` (same order): block i scaled by
+    sqrt(w_i / sum w), so that a composite cosine is the weighted mean of the towers' cosines, and
+    zero where the tower cannot read the text (:func:`reading_towers`)."""
     if len(rows) != len(parts):
         raise ValueError(f"{len(parts)} towers but {len(rows)} blocks of rows")
+    if any(len(r) != len(texts) for r in rows):
+        raise ValueError(f"{len(texts)} texts but blocks of {[len(r) for r in rows]} rows")
     total = sum(w for _, w in parts)
-    blocks = [float(np.sqrt(w / total)) * l2_normalise(r) for (_, w), r in zip(parts, rows)]
+    mask = reading_towers(parts, texts).astype(np.float32)
+    blocks = [float(np.sqrt(w / total)) * mask[:, [i]] * l2_normalise(r)
+              for i, ((_, w), r) in enumerate(zip(parts, rows))]
     return l2_normalise(np.concatenate(blocks, axis=1))
 
 
@@ -344,6 +377,16 @@ def declared_languages(name: str) -> list[str]:
     if name.startswith(HF_PREFIX):
         return []
     raise ValueError(f"unknown text encoder {name!r}")
+
+
+def declared_scripts(name: str) -> frozenset[str] | None:
+    """Scripts a single tower reads, without loading it; None: every script (e5, ``hf:`` checkpoints,
+    whose tokenizers are not known to miss one)."""
+    if name in _BUILDERS:
+        return _BUILDERS[name].scripts
+    if name.startswith(HF_PREFIX):
+        return None
+    raise ValueError(f"declared_scripts: {name!r} is not a single tower")
 
 
 def available_text_encoders() -> list[str]:

@@ -129,7 +129,7 @@ def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path, 
     p = {**params, "model": {**params["model"], "text_encoder": name}, "train": {**params["train"], "epochs": 1}}
     counts = embed_text(dataset, emb_dir, p).counts
     assert counts["use-multilingual"][1] == counts["minilm-en"][1] == 0, "the towers' caches are reused"
-    assert counts[name][0] == counts["use-multilingual"][0] and counts[name][1] > 0
+    assert counts[name] == (counts["use-multilingual"][0], 0), "assembled from the caches, nothing embedded"
     # A rerun with everything cached loads no tower at all (e5 alone takes seconds to load).
     import model.text_encoders as text_encoders
 
@@ -137,19 +137,30 @@ def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path, 
         raise AssertionError("embed_text built a tower although every text was cached")
 
     monkeypatch.setattr(text_encoders, "build_text_encoder", refuse)
+    first = TextEmbeddingCache(emb_dir, name)
+    stale = TextEmbeddingCache(emb_dir, name)
+    stale._emb = -stale._emb  # rows an older composite rule wrote: a rerun must not keep them
+    stale.save()
     assert all(new == 0 for _, new in embed_text(dataset, emb_dir, p).counts.values())
     monkeypatch.undo()
+    texts = [c for clip in read_manifest(dataset) for caps in clip.captions.values() for c in caps]
+    np.testing.assert_array_equal(TextEmbeddingCache(emb_dir, name).get(texts), first.get(texts))
     train(dataset, emb_dir, tmp_path / "m", p)
     model = load_model(tmp_path / "m" / "model")
     assert model.config["text_encoder"] == name
     clip = read_manifest(dataset)[0]
-    queries = [clip.captions["fr"][0], clip.captions["en"][0]]  # captions the training cache holds
+    # Two captions the training cache holds, and a Cyrillic query the English tower cannot read.
+    queries = [clip.captions["fr"][0], clip.captions["en"][0], "Корова."]
     proc = _cli("embed-text", "--model", str(tmp_path / "m" / "model"), "--out", str(tmp_path / "q.npy"), *queries)
     assert proc.returncode == 0, proc.stderr[-2000:]
     emb = np.load(tmp_path / "q.npy")
-    assert emb.shape == (2, 512 + 384)
-    cached = TextEmbeddingCache(emb_dir, name).get(queries)
-    np.testing.assert_allclose(emb, model.text_centroids.apply(cached), atol=1e-5)
+    assert emb.shape == (3, 512 + 384)
+    cached = TextEmbeddingCache(emb_dir, name).get(queries[:2])
+    np.testing.assert_allclose(emb[:2], model.text_centroids.apply(cached), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # Centring kept the left-out block at zero: the Russian query is asked through USE alone.
+    assert model.text_centroids.blocks == [512, 384]
+    assert np.all(emb[2, 512:] == 0) and np.all(emb[:2, 512:] != 0)
 
 
 def test_per_language_plot_does_not_depend_on_the_hash_seed(tmp_path):

@@ -71,6 +71,26 @@ def test_changed_settings_start_afresh_instead_of_resuming(tiny_corpus, tmp_path
     assert train(dataset, text_emb, tmp_path / "run", other, max_epochs_this_run=1).resumed_from is None
 
 
+def test_changed_caption_rows_start_afresh_under_unchanged_settings(tiny_corpus, tmp_path):
+    """Same params, same code, same manifest, but the cached caption rows differ (a re-assembled
+    composite tower, say): the old checkpoint was trained on other targets and must not be resumed."""
+    import shutil
+
+    import numpy as np
+
+    from model.text_cache import TextEmbeddingCache
+
+    dataset, text_emb, params = tiny_corpus
+    emb = tmp_path / "text_emb"
+    shutil.copytree(text_emb, emb)
+    train(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1)
+    assert train(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1).resumed_from == 1
+    cache = TextEmbeddingCache(emb, params["model"]["text_encoder"])
+    cache._emb = np.roll(cache._emb, 1, axis=1)  # every row changed, still unit length
+    cache.save()
+    assert train(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1).resumed_from is None
+
+
 def test_corrupt_checkpoint_is_refused(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
     train(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)

@@ -89,3 +89,33 @@ def test_test_split_text_never_feeds_the_means():
     clips = [C("train", {"en": ["a"], "de": ["b"]}), C("val", {"en": ["c"]}), C("test", {"en": ["SECRET"]})]
     got = texts_by_language(clips, ["train", "val"])
     assert got == {"en": ["a", "c"], "de": ["b"]}
+
+
+def test_a_left_out_tower_block_stays_zero_through_centring(tmp_path):
+    """Composite rows whose second tower could not read the text carry a zero block: centring must not
+    fill it with minus that block's mean (the same vector in every such query), and that block's mean
+    comes only from the rows that have it."""
+    rng = np.random.default_rng(1)
+    blocks = [3, 2]
+    full = _unit(rng.standard_normal((6, 5)) + 2.0)
+    partial = full.copy()
+    partial[3:, 3:] = 0.0  # rows 3-5: the second tower left out
+    vec = {f"t{i}": partial[i] for i in range(6)}
+    cache = DictCache(vec)
+    cache.blocks = blocks
+    cent = TextCentroids.compute("global", {"xx": list(vec)}, cache, min_texts=1)
+    assert cent.blocks == blocks
+    mean = cent.vectors[GLOBAL_KEY]
+    np.testing.assert_allclose(mean[:3], partial[:, :3].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(mean[3:], partial[:3, 3:].mean(axis=0), rtol=1e-6)
+    out = cent.apply(partial)
+    assert np.all(out[3:, 3:] == 0) and np.all(out[:3, 3:] != 0)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out[3:, :3], _unit(partial[3:, :3] - mean[:3]), atol=1e-6)
+    # Without the block layout the zero block would be filled: the behaviour this guards against.
+    assert np.all(TextCentroids("global", {GLOBAL_KEY: mean}).apply(partial)[3:, 3:] != 0)
+    path, sha = cent.save(tmp_path)
+    back = TextCentroids.load(tmp_path, sha)
+    assert back.blocks == blocks and np.array_equal(back.apply(partial), out)
+    with pytest.raises(ValueError, match="blocks sum"):
+        TextCentroids("global", {GLOBAL_KEY: np.zeros(4, np.float32)}, blocks)

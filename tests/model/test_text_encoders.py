@@ -219,3 +219,28 @@ def test_composite_with_a_transformers_tower(tiny_bert, use_m):
     hf = composite.encoders[0]
     assert not hf.model.training and not any(p.requires_grad for p in hf.model.parameters())
     _check_rows(composite, 32 + use_m.dim)
+
+
+def test_a_composite_leaves_a_tower_out_of_scripts_it_cannot_read(use_m, minilm):
+    """USE cannot read Amharic or Greek, the English MiniLM nothing but Latin: their rows for such
+    captions are noise, so the composite gives them a zero block and the other tower speaks alone."""
+    from model.text_encoders import declared_scripts, reading_towers
+
+    default = [("e5-small", 1.0), ("use-multilingual", 0.2)]
+    texts = ["ላም።", "A cow.", "Корова.", "牛。", "Αγελάδα.", "42"]
+    np.testing.assert_array_equal(reading_towers(default, texts),
+                                  [[1, 0], [1, 1], [1, 1], [1, 1], [1, 0], [1, 1]])
+    assert declared_scripts("e5-small") is None and declared_scripts("hf:/x") is None
+    with pytest.raises(ValueError, match="single tower"):
+        declared_scripts("e5-small+use-multilingual")
+
+    composite = build_text_encoder("use-multilingual+minilm-en", progress=False)
+    assert composite.blocks == [use_m.dim, minilm.dim]
+    texts = [*CAPTIONS["ru"][:3], *CAPTIONS["en"][:3], "ላም።"]
+    rows, u, m = composite.encode(texts), use_m.encode(texts), minilm.encode(texts)
+    # Russian: MiniLM left out, the row is USE's own.
+    assert np.all(rows[:3, use_m.dim:] == 0)
+    np.testing.assert_allclose(rows[:3, :use_m.dim], u[:3], atol=1e-6)
+    # English: both towers, each at its share. Amharic: neither reads it, so both stay in.
+    np.testing.assert_allclose(rows[3:, :use_m.dim], u[3:] / np.sqrt(2), atol=1e-6)
+    np.testing.assert_allclose(rows[3:, use_m.dim:], m[3:] / np.sqrt(2), atol=1e-6)
