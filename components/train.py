@@ -110,7 +110,8 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def _code_fingerprint() -> str:
     """The training code itself: a checkpoint written by other code is not resumed."""
-    import model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.text_centering, model.yamnet  # noqa: E401,E501
+    import model.audio_encoders, model.cacara_model, model.frontend, model.losses  # noqa: E401
+    import model.text_centering, model.yamnet  # noqa: E401
 
     digest = hashlib.sha256()
     for mod in (model.audio_encoders, model.cacara_model, model.frontend, model.losses, model.text_centering,
@@ -226,7 +227,8 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     val_captions = [(i, t) for i, c in enumerate(val_clips) for t in c.captions_in(lang)]
     centroids = text_centroids_for(params, clips, cache)
     val_text = centroids.apply(cache.get([t for _, t in val_captions]), lang)
-    train_text = cache.get([t for caps in train_caps for t in caps])  # fails now, not mid-epoch, if embed_text was skipped
+    # Fails now, not mid-epoch, if embed_text was skipped.
+    train_text = cache.get([t for caps in train_caps for t in caps])
     sr = int(params["audio"]["sample_rate"])
     train_audio = ClipAudio(dataset_dir, train_clips, sr)
     val_audio = [w for w in ClipAudio(dataset_dir, val_clips, sr)]

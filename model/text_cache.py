@@ -45,6 +45,9 @@ class TextEmbeddingCache:
                 self._emb = data["emb"].astype(np.float32)
                 self._index = {k: i for i, k in enumerate(data["keys"].tolist())}
                 self.blocks = meta.get("blocks")
+            if self.blocks is None and _is_composite(encoder_name):
+                raise ValueError(f"{self.path} was written before composite towers recorded their blocks (an "
+                                 "older composite rule): run the embed_text step again to re-assemble it")
 
     def __len__(self) -> int:
         return len(self._index)
@@ -98,6 +101,12 @@ class TextEmbeddingCache:
         np.savez(tmp, keys=keys, emb=self._emb, meta=np.array(meta))
         tmp.replace(self.path)
         return self.path
+
+
+def _is_composite(name: str) -> bool:
+    from model.text_encoders import composite_parts
+
+    return composite_parts(name) is not None
 
 
 class CachedComposite:

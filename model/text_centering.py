@@ -46,9 +46,10 @@ class TextCentroids:
         self.blocks = [int(b) for b in blocks] if blocks else None
         if mode != "none" and GLOBAL_KEY not in self.vectors:
             raise ValueError(f"text centring {mode!r} needs an overall mean (key {GLOBAL_KEY!r})")
-        for key, v in self.vectors.items():
-            if self.blocks and v.shape[-1] != sum(self.blocks):
-                raise ValueError(f"text centring: mean {key!r} has {v.shape[-1]} dims, blocks sum to {sum(self.blocks)}")
+        widths = {key: v.shape[-1] for key, v in self.vectors.items()}
+        if self.blocks and any(w != sum(self.blocks) for w in widths.values()):
+            raise ValueError(f"text centring: means of {sorted(set(widths.values()))} dims, "
+                             f"tower blocks sum to {sum(self.blocks)}")
 
     @classmethod
     def compute(cls, mode: str, texts_by_language: dict[str, Sequence[str]], cache, min_texts: int) -> TextCentroids:
@@ -118,12 +119,11 @@ def _present(rows: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:
     """1 where a row's tower block holds a vector, 0 where the composite left the block out; per element."""
     if not blocks:
         return np.ones_like(rows)
-    edges = np.cumsum([0, *blocks])
-    if rows.shape[-1] != edges[-1]:
-        raise ValueError(f"text centring: rows have {rows.shape[-1]} dims, tower blocks sum to {edges[-1]}")
-    keep = [np.repeat(np.any(rows[:, a:b] != 0, axis=1, keepdims=True), b - a, axis=1)
-            for a, b in zip(edges[:-1], edges[1:])]
-    return np.concatenate(keep, axis=1).astype(rows.dtype)
+    if rows.shape[-1] != sum(blocks):
+        raise ValueError(f"text centring: rows have {rows.shape[-1]} dims, tower blocks sum to {sum(blocks)}")
+    starts = np.cumsum([0, *blocks[:-1]])
+    block_present = np.logical_or.reduceat(rows != 0, starts, axis=-1)
+    return np.repeat(block_present, blocks, axis=-1).astype(rows.dtype)
 
 
 def _block_mean(rows: np.ndarray, blocks: Sequence[int] | None) -> np.ndarray:

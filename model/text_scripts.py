@@ -5,7 +5,7 @@ Why scripts and not languages: a query arrives without a language tag (the CLI, 
 its characters say which script it uses, and a tower's tokenizer reads scripts, not languages. The
 16-language USE reads Latin-script Finnish or Basque well enough to help (it shares their subwords
 with the languages it was trained on), but an Amharic or Greek caption becomes near-random pieces
-(1-6 % caption alignment in ``benchmarks/results/tower_alignment.md``, chance about 1.5 %): in a
+(1-6 % caption alignment in ``benchmarks/results/tower_alignment.md``, chance 1.1 %): in a
 composite those rows only add noise to the tower that can read them.
 
 Scripts are named by the first word of each letter's Unicode name ("LATIN", "CYRILLIC", "ETHIOPIC"),
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection
 
 #: Unicode-name prefixes that one tokenizer family reads as one script (Han, kana and their marks).
 SCRIPT_GROUPS = {
@@ -47,7 +47,7 @@ def dominant_script(text: str) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def reads(tower_scripts: Iterable[str] | None, script: str | None) -> bool:
+def reads(tower_scripts: Collection[str] | None, script: str | None) -> bool:
     """Whether a tower that declares ``tower_scripts`` (None: every script) can read ``script``
     (None: a text without letters, which every tower is left to embed)."""
-    return tower_scripts is None or script is None or script in set(tower_scripts)
+    return tower_scripts is None or script is None or script in tower_scripts

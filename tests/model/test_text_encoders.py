@@ -209,6 +209,14 @@ def test_composite_from_caches_equals_the_live_composite(use_m, minilm, tmp_path
         caches.append(cache)
     cached = CachedComposite(name, composite_parts(name), caches).encode(texts)
     np.testing.assert_allclose(cached, build_text_encoder(name, progress=False).encode(texts), atol=1e-6)
+    # A composite cache from before blocks were recorded holds rows of the older rule: refused by name.
+    old = TextEmbeddingCache(tmp_path, name)
+    old.add(texts, CachedComposite(name, composite_parts(name), caches))
+    old.blocks = None
+    old.save()
+    with pytest.raises(ValueError, match="run the embed_text step again"):
+        TextEmbeddingCache(tmp_path, name)
+    assert len(TextEmbeddingCache(tmp_path, name, load=False)) == 0
 
 
 def test_composite_with_a_transformers_tower(tiny_bert, use_m):
