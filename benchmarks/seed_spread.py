@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cacara.params import load_params  # noqa: E402
-from cacara.runtime import tune_allocator  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
 from components.train import train  # noqa: E402
 
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-emb", type=Path, default=REPO / "work" / "text_emb")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    tune_allocator()
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for seed in args.seeds:

@@ -38,11 +38,11 @@ from cacara.cli import _parse_set  # noqa: E402
 from cacara.data import ClipAudio  # noqa: E402
 from cacara.manifest import Clip, assign_split, read_manifest, split_fractions, write_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
-from cacara.runtime import tune_allocator  # noqa: E402
 from components.evaluate import (_compared_languages, _languages_of, _system_rows, evaluate,  # noqa: E402
                                  untrained_model)
 from components.train import train  # noqa: E402
-from model.cacara_model import CacaraModel, embed_waveforms, load_model  # noqa: E402
+from model.cacara_model import CacaraModel, load_model  # noqa: E402
+from model.inference import embedder_for  # noqa: E402
 from model.metrics import paired_bootstrap  # noqa: E402
 from model.text_cache import TextEmbeddingCache  # noqa: E402
 
@@ -75,12 +75,12 @@ def validation_rows(params: dict[str, Any], data: Path, text_emb: Path, models: 
     """``evaluate``'s per-language rows for the split's VALIDATION clips (no caption minimum: pooling
     supplies the count), and those clips' ids."""
     clips: list[Clip] = [c for c in read_manifest(data) if c.split == "val"]
-    waves = list(ClipAudio(data, clips, int(params["audio"]["sample_rate"])))
+    waves = [w.numpy() for w in ClipAudio(data, clips, int(params["audio"]["sample_rate"]))]
     languages = sorted({lang for c in clips for lang in c.captions})
     rows: list[dict[str, Any]] = []
     for system, model in models.items():
         cache = TextEmbeddingCache(text_emb, model.config["text_encoder"])
-        rows += _system_rows(system, embed_waveforms(model, waves), cache, model.text_centroids, clips, languages,
+        rows += _system_rows(system, embedder_for(model).embed(waves), cache, model.text_centroids, clips, languages,
                              _languages_of(cache.encoder_name))
     return rows, [c.clip_id for c in clips]
 
@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a parameter for every split, e.g. --set train.trainable=projection")
     args = ap.parse_args(argv)
     overrides = _parse_set(args.set)
-    tune_allocator()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     params = load_params(overrides=overrides)

@@ -25,7 +25,8 @@ from cacara.manifest import read_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
 from components.evaluate import language_queries  # noqa: E402
 from components.train import train  # noqa: E402
-from model.cacara_model import build_model, embed_waveforms, load_model, text_centroids_for  # noqa: E402
+from model.cacara_model import build_model, load_model, text_centroids_for  # noqa: E402
+from model.inference import embedder_for  # noqa: E402
 from model.metrics import retrieval_metrics  # noqa: E402
 from model.text_cache import TextEmbeddingCache  # noqa: E402
 
@@ -36,7 +37,7 @@ def _kv(items: list[str]) -> dict:
 
 def val_scores(model, params, dataset: Path, text_emb: Path, encoder: str) -> dict[str, float]:
     clips = [c for c in read_manifest(dataset) if c.split == "val"]
-    emb = embed_waveforms(model, list(ClipAudio(dataset, clips, params["audio"]["sample_rate"])))
+    emb = embedder_for(model).embed([w.numpy() for w in ClipAudio(dataset, clips, params["audio"]["sample_rate"])])
     cache = TextEmbeddingCache(text_emb, encoder)
     per_lang = {}
     for lang in sorted({l for c in clips for l in c.captions}):

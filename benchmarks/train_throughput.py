@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cacara.params import load_params  # noqa: E402
-from cacara.runtime import tune_allocator  # noqa: E402
 from model.audio_encoders import build_audio_encoder  # noqa: E402
 from model.cacara_model import CacaraModel, LinearHead, set_trainable  # noqa: E402
 from model.losses import ContrastiveLoss  # noqa: E402
@@ -74,7 +73,6 @@ def main() -> None:
     ap.add_argument("--last-blocks", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_throughput.md")
     args = ap.parse_args()
-    tune_allocator()
     params = load_params()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = ["fp32"] + (["bf16"] if device.type == "cpu" or torch.cuda.is_bf16_supported() else [])

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cacara.data import ClipAudio
 from cacara.manifest import Clip, read_manifest
-from model.cacara_model import CacaraModel, build_model, embed_waveforms, load_model, text_centroids_for
+from model.cacara_model import CacaraModel, build_model, load_model, text_centroids_for
+from model.inference import embedder_for
 from model.metrics import paired_bootstrap, retrieval_metrics, t2a_hits
 from model.text_cache import TextEmbeddingCache
 from model.text_centering import TextCentroids
@@ -103,7 +103,7 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
     if not clips:
         raise ValueError("the test split is empty")
     languages = sorted({lang for c in clips for lang in c.captions})
-    waves = list(ClipAudio(dataset_dir, clips, int(params["audio"]["sample_rate"])))
+    waves = [w.numpy() for w in ClipAudio(dataset_dir, clips, int(params["audio"]["sample_rate"]))]
 
     main_cache = TextEmbeddingCache(text_emb_dir, params["model"]["text_encoder"])
     rows: list[dict[str, Any]] = []
@@ -114,18 +114,19 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str |
                                       int(ev["chance_seed"]))})
 
     untrained = untrained_model(params, all_clips, main_cache)
-    systems: list[tuple[str, CacaraModel, TextEmbeddingCache]] = [
-        ("untrained", untrained, main_cache),
-        ("trained", load_model(model_dir), main_cache)]
+    systems: list[tuple[str, CacaraModel, Path | None, TextEmbeddingCache]] = [
+        ("untrained", untrained, None, main_cache),
+        ("trained", load_model(model_dir), Path(model_dir), main_cache)]
     en_model = load_model(english_only_model_dir)
-    systems.append(("trained_english_only", en_model,
+    systems.append(("trained_english_only", en_model, Path(english_only_model_dir),
                     TextEmbeddingCache(text_emb_dir, en_model.config["text_encoder"])))
-    for name, model, cache in systems:
+    for name, model, folder, cache in systems:
         if model.config["text_encoder"] != cache.encoder_name:
             raise ValueError(f"{name}: model was trained against {model.config['text_encoder']}, "
                              f"not {cache.encoder_name}")
         log.info("evaluating %s on %d clips, %d languages", name, len(clips), len(languages))
-        emb = embed_waveforms(model, waves)
+        # Trained models are embedded by their folder's ONNX export; the untrained one is exported now.
+        emb = embedder_for(model, folder).embed(waves, progress=True)
         rows += _system_rows(name, emb, cache, model.text_centroids, clips, languages,
                              _languages_of(cache.encoder_name))
 

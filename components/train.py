@@ -31,6 +31,7 @@ from cacara.data import ClipAudio, batches, pad_batch
 from cacara.manifest import read_manifest
 from model.cacara_model import (CacaraModel, build_model, embed_waveforms, load_model, save_model,
                                 set_trainable, text_centroids_for)
+from model.inference import attach_onnx_export
 from model.losses import ContrastiveLoss
 from model.metrics import retrieval_metrics
 from model.text_cache import TextEmbeddingCache
@@ -339,6 +340,8 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
         _write_history(out / HISTORY, history)
         # The selected model is published from the checkpoint folder, so a resumed (or already
         # finished) run still produces it after dvc has removed the previous output.
+        # The ONNX export is what every CPU consumer runs; it is written once into the selected model.
+        attach_onnx_export(out / CKPT_DIR / "best")
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
         shutil.copytree(out / CKPT_DIR / "best", out / MODEL_DIR)
     if dd.world > 1:

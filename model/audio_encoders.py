@@ -81,6 +81,13 @@ class AudioEncoder(nn.Module, abc.ABC):
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Clip embedding: mean over the clip's own frames/patches (padding excluded)."""
 
+    #: Whether :meth:`export_forward` exists, i.e. the encoder can be exported to ONNX (model/inference.py).
+    onnx_exportable: bool = False
+
+    def export_forward(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        """:meth:`forward` without data-dependent shapes or checks, as an ONNX export traces it."""
+        raise NotImplementedError(f"{self.name} cannot be exported to ONNX; it runs as PyTorch modules")
+
     @property
     def has_class_logits(self) -> bool:
         return self.class_names is not None
@@ -170,9 +177,8 @@ class YamnetAudioEncoder(AudioEncoder):
 
         Only those patches go through the network; padding rows stay zero (the mask drops them anyway).
         A batch is padded to its longest clip, so on the demo corpus (0.2-10 s clips) running the padding
-        too tripled the patches a training step computes (training: 37 -> 24 s). On the inference path a
-        patch's embedding does not depend on its batch-mates, so no kept value changes; on the autograd
-        path oneDNN may pick another algorithm for another batch size, which moves the last bits.
+        too tripled the patches a training step computes (training: 37 -> 24 s). oneDNN may pick another
+        algorithm for another batch size, which moves the last bits of a kept value.
         """
         lengths = _check_batch(waveforms, lengths)
         patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
@@ -190,6 +196,21 @@ class YamnetAudioEncoder(AudioEncoder):
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         emb, keep = self._patch_embeddings(waveforms, lengths)  # the logits are not needed: no classifier
+        return masked_mean(emb, keep)
+
+    onnx_exportable = True
+
+    def export_forward(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        """Every patch of the padded batch goes through the network and the mask drops the padding ones.
+
+        :meth:`forward` computes only the patches a clip's own samples make, which needs a shape that
+        depends on the data (``nonzero``); an exported graph must not. Batches that onnxruntime runs are
+        sorted by length (model/inference.py), so little padding is computed. Same numbers either way.
+        """
+        patches = self.frontend(waveforms)  # [B, P, 1, 96, 64]
+        batch, num = patches.shape[:2]
+        emb = self.yamnet.embed(patches.flatten(0, 1)).reshape(batch, num, -1)
+        keep = torch.arange(num, device=patches.device).unsqueeze(0) < self.frontend.num_patches(lengths).unsqueeze(1)
         return masked_mean(emb, keep)
 
     def class_logits(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -246,7 +267,9 @@ class HFAudioEncoder(AudioEncoder):
         self.dim = int(dim)
         self.extractor_rate = int(getattr(self.extractor, "sampling_rate", sample_rate))
         self._forward_args = set(inspect.signature(self.backbone.forward).parameters)
-        self._layers_path, self._layers = self._find_layers(self.backbone)
+        # Only the path is kept: assigning the ModuleList itself would register it a second time, and
+        # its parameters would appear twice in the state dict (safetensors refuses shared tensors).
+        self._layers_path = self._find_layers(self.backbone)[0]
         logger.info("loaded %s (%s, dim %d, %d layers)", model_id_or_path, self.model_type, self.dim, len(self._layers))
 
     @staticmethod
@@ -257,6 +280,10 @@ class HFAudioEncoder(AudioEncoder):
         if getattr(model.config, "is_encoder_decoder", False):  # Whisper: keep only the encoder
             return model.get_encoder()
         return model
+
+    @property
+    def _layers(self) -> nn.ModuleList:
+        return self.backbone.get_submodule(self._layers_path)
 
     @staticmethod
     def _find_layers(backbone: nn.Module) -> tuple[str, nn.ModuleList]:

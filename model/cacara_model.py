@@ -157,9 +157,16 @@ def set_trainable(model: CacaraModel, mode: str, last_blocks: int, class_vectors
 
 def save_model(model: CacaraModel, out_dir: str | Path, params: dict[str, Any], text_encoder: str,
                extra: dict[str, Any] | None = None) -> Path:
-    """safetensors weights (no pickle: safe to load from anywhere) + config.json with their sha256."""
+    """safetensors weights (no pickle: safe to load from anywhere) + config.json with their sha256.
+
+    An ONNX export already in ``out_dir`` belongs to other weights and is removed;
+    ``model.inference.attach_onnx_export`` writes the new one when the folder is published.
+    """
+    from model.inference import ONNX_FILE, ONNX_SHA_KEY
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / ONNX_FILE).unlink(missing_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata=safetensors_metadata({"format": "cacara", "text_encoder": text_encoder}))
@@ -167,7 +174,7 @@ def save_model(model: CacaraModel, out_dir: str | Path, params: dict[str, Any], 
     centroids_sha = None
     if model.text_centroids.mode != "none":
         _, centroids_sha = model.text_centroids.save(out)
-    config = dict(model.config, text_encoder=text_encoder,
+    config = dict({k: v for k, v in model.config.items() if k != ONNX_SHA_KEY}, text_encoder=text_encoder,
                   sha256=hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest(),
                   text_centroids_sha256=centroids_sha,
                   params={k: params[k] for k in ("model", "train", "audio") if k in params}, **(extra or {}))
@@ -189,8 +196,13 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Cac
         raise ValueError(f"{d / WEIGHTS} does not match its recorded sha256 (corrupt or replaced)")
     encoder = build_audio_encoder(config["audio_encoder"])
     head = _head(config["head"], config["in_dim"], config["out_dim"], config["num_classes"])
-    model = CacaraModel(encoder, head, {k: config[k] for k in (
-        "format_version", "audio_encoder", "text_encoder", "head", "in_dim", "out_dim", "num_classes", "sample_rate")})
+    from model.inference import ONNX_SHA_KEY
+
+    kept = {k: config[k] for k in (
+        "format_version", "audio_encoder", "text_encoder", "head", "in_dim", "out_dim", "num_classes", "sample_rate")}
+    if ONNX_SHA_KEY in config:
+        kept[ONNX_SHA_KEY] = config[ONNX_SHA_KEY]
+    model = CacaraModel(encoder, head, kept)
     model.load_state_dict(load_file(str(d / WEIGHTS)), strict=True)
     model.text_centroids = TextCentroids.load(d, config.get("text_centroids_sha256"))
     return model.to(device).eval()

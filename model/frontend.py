@@ -5,7 +5,11 @@ YAMNet's own TensorFlow feature code (``yamnet/features.py`` and ``params.py``) 
 mel spectrogram:
 
 * frames of 400 samples (25 ms) every 160 (10 ms), periodic Hann window, zero-padded to a 512-point
-  FFT, magnitude (not power), no centring;
+  FFT, magnitude (not power), no centring. The DFT is computed as one strided convolution with the
+  windowed cosine and sine rows of the bins the mel matrix uses (4..240 of 257), not with
+  ``torch.fft.rfft``: the same arithmetic then exports to ONNX as a plain Conv, which onnxruntime ran
+  in 6 ms per 10-s clip against 18 ms for its DFT operator (2 cores, AVX2, while this was written), and
+  training, PyTorch inference and the exported graph share this one implementation;
 * a mel matrix built the way ``tf.signal.linear_to_mel_weight_matrix`` builds it: triangles that are
   linear on the HTK *mel* axis, with the DC bin zeroed. ``torchaudio.functional.melscale_fbanks``
   draws its triangles linear in Hz and keeps DC, which shifts the features slightly;
@@ -98,6 +102,18 @@ def yamnet_mel_matrix(p: YamnetFeatureParams = YAMNET_FEATURES) -> Tensor:
     return weights.to(torch.float32)
 
 
+def dft_basis(p: YamnetFeatureParams, bins: Tensor) -> Tensor:
+    """[2 * len(bins), 1, window] conv weights: the Hann-windowed real and imaginary DFT rows of ``bins``.
+
+    A frame of ``window_samples`` zero-padded to ``fft_length`` has the DFT of the unpadded frame
+    evaluated at ``fft_length`` points, so the padding needs no samples of its own. Built in float64.
+    """
+    n = torch.arange(p.window_samples, dtype=torch.float64)
+    angle = 2.0 * math.pi * bins.to(torch.float64).unsqueeze(1) * n.unsqueeze(0) / p.fft_length
+    window = torch.hann_window(p.window_samples, periodic=True, dtype=torch.float64)
+    return torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window]).to(torch.float32).unsqueeze(1)
+
+
 class YamnetFrontend(nn.Module):
     """Waveforms [B, T] at 16 kHz -> log-mel patches [B, P, 1, 96, 64] plus each clip's patch count.
 
@@ -109,9 +125,11 @@ class YamnetFrontend(nn.Module):
     def __init__(self, params: YamnetFeatureParams = YAMNET_FEATURES):
         super().__init__()
         self.params = params
+        mel = yamnet_mel_matrix(params)
+        used = (mel > 0).any(dim=1).nonzero().squeeze(1)  # bins outside 125..7500 Hz weigh nothing
         # Non-persistent: derived from the constants, so they stay out of saved state dicts.
-        self.register_buffer("window", torch.hann_window(params.window_samples, periodic=True), persistent=False)
-        self.register_buffer("mel_matrix", yamnet_mel_matrix(params), persistent=False)
+        self.register_buffer("dft_basis", dft_basis(params, used), persistent=False)
+        self.register_buffer("mel_matrix", mel[used].contiguous(), persistent=False)
 
     @property
     def sample_rate(self) -> int:
@@ -132,10 +150,10 @@ class YamnetFrontend(nn.Module):
     def log_mel(self, waveforms: Tensor) -> Tensor:
         """[B, T] -> [B, frames, mel_bands]; T must already hold at least one STFT window."""
         p = self.params
-        frames = waveforms.unfold(-1, p.window_samples, p.hop_samples) * self.window
-        magnitude = torch.fft.rfft(frames, n=p.fft_length, dim=-1).abs()
-        mel = magnitude @ self.mel_matrix
-        return torch.log(mel + p.log_offset)
+        spectrum = nn.functional.conv1d(waveforms.unsqueeze(1), self.dft_basis, stride=p.hop_samples)
+        real, imag = spectrum.chunk(2, dim=1)  # [B, bins, frames] each
+        magnitude = torch.sqrt(real * real + imag * imag).transpose(1, 2)
+        return torch.log(magnitude @ self.mel_matrix + p.log_offset)
 
     def forward(self, waveforms: Tensor) -> Tensor:
         """[B, T] (or [T]) float waveforms in [-1, 1] -> [B, P, 1, patch_frames, mel_bands]."""

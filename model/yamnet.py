@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from model import sead_onnx
-from model.yamnet_fused import FusedFeatures, fused_path_applies, pad_for_stem, same_padding
 from model.weights_cache import (
     atomic_write_bytes,
     read_sidecar,
@@ -67,16 +66,16 @@ YAMNET_KERNEL = 3
 YAMNET_EMBEDDING_DIM = 1024
 YAMNET_NUM_CLASSES = 521
 YAMNET_PATCH_SHAPE = (1, 96, 64)  # channels, frames, mel bands
-#: Patches per pass through the convolutions (64 = three 10-s clips): big enough for efficient kernels,
-#: small enough that activations stay in memory the allocator reuses.
-YAMNET_PATCH_CHUNK = 64
-#: Fused CPU inference runs in two phases, each at the batch its layers run fastest at (measured with
-#: benchmarks/yamnet_speed.py-style interleaved runs: 0.88 -> 0.93 of onnxruntime at 32 clips).
-#: Convolutions before this index see 96x64 .. 12x8 maps: big activations, so small batches that stay
-#: in cache. From here on maps are 6x4 and 3x2: small activations, and big batches make big GEMMs.
-FUSED_LATE_FROM = 12
-FUSED_EARLY_CHUNK = 20  # patches: one 10-s clip
-FUSED_LATE_CHUNK = 640  # patches: 640 x 512 x 6 x 4 floats = 31.5 MB, under glibc's 32 MB mmap ceiling
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding (extra pixel at the end), which YAMNet was trained with.
+
+    PyTorch's symmetric ``padding=`` cannot express the asymmetric case of stride-2 layers.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
 
 class ConvReLU(nn.Module):
@@ -131,20 +130,8 @@ class Yamnet(nn.Module):
         kernel: int = YAMNET_KERNEL,
         num_classes: int = YAMNET_NUM_CLASSES,
         in_channels: int = YAMNET_PATCH_SHAPE[0],
-        patch_chunk: int = YAMNET_PATCH_CHUNK,
-        fused_inference: bool = True,
-        native_kernels: bool = True,
     ):
         super().__init__()
-        self.patch_chunk = patch_chunk
-        #: Without gradients on CPU, run the convolutions through ``model.yamnet_fused`` (same weights,
-        #: same arithmetic, no separate ReLU/pad passes); False runs the modules as written.
-        self.fused_inference = fused_inference
-        #: On the fused path, run the layers through ``model/native_kernels`` where its C kernels build
-        #: (and ``CACARA_NATIVE_KERNELS`` allows); False keeps every layer on oneDNN.
-        self.native_kernels = native_kernels
-        self._fused_early = FusedFeatures()
-        self._fused_late = FusedFeatures()
         blocks: list[nn.Module] = []
         channels = in_channels
         for spec in layers:
@@ -167,47 +154,8 @@ class Yamnet(nn.Module):
         """Embeddings only: callers that never read the logits skip the classifier (1024 x 521 per patch)."""
         if patches.dim() != 4 or patches.shape[1] != self.features[0].conv.in_channels:
             raise ValueError(f"expected patches [N, 1, frames, mels], got {tuple(patches.shape)}")
-        embedding = None
-        if self.fused_inference and fused_path_applies(patches):
-            try:
-                embedding = self._fused_embed(patches)
-            except (RuntimeError, NotImplementedError) as exc:
-                # The fused path leans on oneDNN ops torch does not promise to keep; if this build's
-                # refuse the call, run the modules (same numbers, slower) rather than fail.
-                logger.warning("fused YAMNet inference unavailable here (%s); running the modules", exc)
-                self.fused_inference = False
-        if embedding is None:
-            # Bounded chunks keep the working set small: at 32 clips, large activations handed back to
-            # the OS after every layer cost more than the convolutions (benchmarks/yamnet_speed.py).
-            chunks = [self._embed(patches[i:i + self.patch_chunk])
-                      for i in range(0, patches.shape[0], self.patch_chunk)]
-            embedding = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return embedding
-
-    def _embed(self, patches: Tensor) -> Tensor:
-        # channels_last is what oneDNN's convolutions run fastest on (measured 56 -> 35 ms per clip).
+        # channels_last is what oneDNN's CPU convolutions run fastest on (measured 56 -> 35 ms per clip).
         return self.features(patches.contiguous(memory_format=torch.channels_last)).mean(dim=(-2, -1))
-
-    def _fused_embed(self, patches: Tensor) -> Tensor | None:
-        """Embeddings through ``model.yamnet_fused``, or None when it cannot track the weights."""
-        convs = self.conv_layers()
-        early, late = convs[:FUSED_LATE_FROM], convs[FUSED_LATE_FROM:]
-        unpadded = (patches.shape[-2], patches.shape[-1])
-        out = []
-        for i in range(0, patches.shape[0], FUSED_LATE_CHUNK):
-            block, padded = pad_for_stem(early[0], patches[i:i + FUSED_LATE_CHUNK], native=self.native_kernels)
-            parts = []
-            for j in range(0, block.shape[0], FUSED_EARLY_CHUNK):
-                h = self._fused_early(early, block[j:j + FUSED_EARLY_CHUNK], unpadded if padded else None,
-                                      native=self.native_kernels)
-                if h is None:
-                    return None
-                parts.append(h)
-            h = self._fused_late(late, parts[0] if len(parts) == 1 else torch.cat(parts), native=self.native_kernels)
-            if h is None:
-                return None
-            out.append(h.mean(dim=(-2, -1)))
-        return out[0] if len(out) == 1 else torch.cat(out)
 
     def conv_layers(self) -> list[nn.Conv2d]:
         """Convolutions in execution order: the order the ONNX graph runs them in."""

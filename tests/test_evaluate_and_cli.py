@@ -71,6 +71,16 @@ def test_embed_audio_contract_any_format_rate_and_channels(trained, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert np.array_equal(emb[0], emb[3]), "same file, same embedding"
     assert float(emb[0] @ emb[1]) > 0.95, "the same tone at 48 kHz stereo lands where it does at 16 kHz mono"
+    # The CLI runs the model folder's ONNX export; the PyTorch modules give the same rows.
+    from cacara.audio import decode
+    from model.inference import TorchAudioEmbedder
+
+    waves = [decode(f, 16000).samples for f in (mono16, stereo48, ogg, mono16)]
+    reference = TorchAudioEmbedder(load_model(model)).embed(waves)
+    assert float(np.abs(emb - reference).max()) < 5e-5
+    alone = _cli("embed-audio", "--model", model, "--out", str(tmp_path / "dog.npy"), str(ogg))
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert float(np.abs(np.load(tmp_path / "dog.npy")[0] - emb[2]).max()) < 1e-6, "batch-mates change only rounding"
 
 
 def test_embed_text_contract(trained, tmp_path):

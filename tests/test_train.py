@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,6 +31,9 @@ def test_train_writes_model_history_and_checkpoint(tiny_corpus, tmp_path):
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["text_encoder"] == "use-multilingual" and config["epoch"] == result.best_epoch
     assert model.config["out_dim"] == 512
+    # The published model carries its ONNX export, recorded by sha256: what every CPU consumer runs.
+    onnx_file = tmp_path / "run" / "model" / "audio_branch.onnx"
+    assert config["onnx_sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
     header = (tmp_path / "run" / "history.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,train_loss,temperature")
 

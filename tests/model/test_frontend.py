@@ -92,3 +92,19 @@ def test_frontend_batches_and_saves_no_state():
     assert out.shape == (3, 2, 1, 96, 64)
     assert torch.isfinite(out).all()
     assert not any(True for _ in frontend.state_dict())  # derived buffers are not saved
+
+
+def test_convolution_dft_is_the_fft_magnitude(clips):
+    """log_mel computes the DFT as a strided convolution (so it exports to ONNX as a Conv): it must be
+    the windowed rfft's magnitude on the bins the mel matrix uses, and those bins must be all it uses."""
+    frontend = YamnetFrontend()
+    wave = torch.from_numpy(clips["cymbal"]).unsqueeze(0)
+    frames = wave.unfold(-1, P.window_samples, P.hop_samples) * torch.hann_window(P.window_samples, periodic=True)
+    magnitude = torch.fft.rfft(frames.double(), n=P.fft_length, dim=-1).abs()
+    full_mel = yamnet_mel_matrix().double()
+    reference = torch.log(magnitude @ full_mel + P.log_offset)
+    ours = frontend.log_mel(wave).double()
+    assert ours.shape == reference.shape
+    assert float((ours - reference).abs().max()) < 1e-4  # float32 sums of 400 products vs a float64 FFT
+    used = (full_mel > 0).any(dim=1)
+    assert frontend.mel_matrix.shape == (int(used.sum()), P.mel_bands) and int(used.sum()) < full_mel.shape[0]
