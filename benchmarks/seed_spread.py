@@ -22,6 +22,8 @@ sys.path.insert(0, str(REPO))
 
 from cacara.params import load_params  # noqa: E402
 from components.evaluate import evaluate  # noqa: E402
+from cacara.config import EvaluateConfig, TrainConfig  # noqa: E402
+from components.evaluate import ENGLISH_ONLY, TRAINED  # noqa: E402
 from components.train import train  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "seed_spread.md"
@@ -30,10 +32,12 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "seed_spread.md"
 def run_seed(seed: int, dataset: Path, text_emb: Path, root: Path) -> dict:
     """One seed: both trainings and the evaluation, returning the figures the issue's targets use."""
     params = load_params(overrides={"train.seed": seed})
-    multi = train(dataset, text_emb, root / "multi", params)
-    english = train(dataset, text_emb, root / "en", params,
+    config = TrainConfig.from_params(params)
+    multi = train(dataset, text_emb, root / "multi", config)
+    english = train(dataset, text_emb, root / "en", config,
                     text_encoder=params["evaluate"]["english_only_text_encoder"])
-    result = evaluate(dataset, text_emb, root / "multi" / "model", root / "en" / "model", root / "eval", params)
+    result = evaluate(dataset, text_emb, {TRAINED: root / "multi" / "model", ENGLISH_ONLY: root / "en" / "model"},
+                      root / "eval", EvaluateConfig.from_params(params), contrast=ENGLISH_ONLY)
     s, c = result.summary_metrics, result.summary_metrics["checks"]
     return {
         "seed": seed,

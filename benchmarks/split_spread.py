@@ -36,10 +36,12 @@ sys.path.insert(0, str(REPO))
 
 from cacara.cli import _parse_set  # noqa: E402
 from cacara.data import ClipAudio  # noqa: E402
-from cacara.manifest import Clip, assign_split, read_manifest, split_fractions, write_manifest  # noqa: E402
+from cacara.manifest import Clip, assign_split, read_manifest, write_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
 from components.evaluate import (_compared_languages, _languages_of, _system_rows, evaluate,  # noqa: E402
                                  untrained_model)
+from cacara.config import EvaluateConfig, TrainConfig, validate_params  # noqa: E402
+from components.evaluate import ENGLISH_ONLY, TRAINED  # noqa: E402
 from components.train import train  # noqa: E402
 from model.cacara_model import CacaraModel, load_model  # noqa: E402
 from model.inference import embedder_for  # noqa: E402
@@ -89,11 +91,13 @@ def run_split(seed: int, dataset: Path, text_emb: Path, root: Path, overrides: d
     """One split: both trainings and the evaluation; per-language hits keyed by clip id for pooling."""
     params = load_params(overrides={**overrides, "split.seed": seed})
     data = root / "dataset"
-    resplit(dataset, seed, split_fractions(params), data)
-    multi = train(data, text_emb, root / "multi", params)
-    english = train(data, text_emb, root / "en", params,
+    resplit(dataset, seed, validate_params(params).split.fractions(), data)
+    config = TrainConfig.from_params(params)
+    multi = train(data, text_emb, root / "multi", config)
+    english = train(data, text_emb, root / "en", config,
                     text_encoder=params["evaluate"]["english_only_text_encoder"])
-    result = evaluate(data, text_emb, root / "multi" / "model", root / "en" / "model", root / "eval", params)
+    result = evaluate(data, text_emb, {TRAINED: root / "multi" / "model", ENGLISH_ONLY: root / "en" / "model"},
+                      root / "eval", EvaluateConfig.from_params(params), contrast=ENGLISH_ONLY)
     clips = read_manifest(data)
     test_ids = [c.clip_id for c in clips if c.split == "test"]
     training_language = params["ingest"]["training_language"]

@@ -24,6 +24,7 @@ from cacara.data import ClipAudio  # noqa: E402
 from cacara.manifest import read_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
 from components.evaluate import language_queries  # noqa: E402
+from cacara.config import TrainConfig  # noqa: E402
 from components.train import train  # noqa: E402
 from model.cacara_model import build_model, load_model, text_centroids_for  # noqa: E402
 from model.inference import embedder_for  # noqa: E402
@@ -71,21 +72,22 @@ def main() -> None:
     params0 = load_params(overrides=base)
     enc = params0["model"]["text_encoder"]
     cache0 = TextEmbeddingCache(args.text_emb, enc)
-    untrained = build_model(params0, enc, cache0)
-    untrained.text_centroids = text_centroids_for(params0, read_manifest(args.dataset), cache0)
+    config0 = TrainConfig.from_params(params0)
+    untrained = build_model(config0.model, config0.train.seed, enc, cache0)
+    untrained.text_centroids = text_centroids_for(config0.model, read_manifest(args.dataset), cache0)
     rows.append(("untrained", "", val_scores(untrained, params0, Path(args.dataset), Path(args.text_emb), enc)))
     for spec in args.config:
         name, _, kvs = spec.partition(":")
         params = load_params(overrides={**base, **_kv(kvs.split(","))})
         enc = params["model"]["text_encoder"]
         with tempfile.TemporaryDirectory() as tmp:
-            res = train(args.dataset, args.text_emb, tmp, params)
+            res = train(args.dataset, args.text_emb, tmp, TrainConfig.from_params(params))
             model = load_model(Path(tmp) / "model")
             scores = dict(val_scores(model, params, Path(args.dataset), Path(args.text_emb), enc),
                           best_epoch=res.best_epoch)
             if args.versus_english_only:
                 en_enc = params["evaluate"]["english_only_text_encoder"]
-                train(args.dataset, args.text_emb, Path(tmp) / "en", params, text_encoder=en_enc)
+                train(args.dataset, args.text_emb, Path(tmp) / "en", TrainConfig.from_params(params), text_encoder=en_enc)
                 en_scores = val_scores(load_model(Path(tmp) / "en" / "model"), params, Path(args.dataset),
                                        Path(args.text_emb), en_enc)
                 scores["wins"] = wins(scores["per_lang"], en_scores["per_lang"])

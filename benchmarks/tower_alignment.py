@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from cacara.manifest import Clip, read_manifest  # noqa: E402
 from cacara.params import load_params  # noqa: E402
+from cacara.config import EmbedTextConfig  # noqa: E402
 from components.embed_text import encoders_needed  # noqa: E402
 from model.text_cache import TextEmbeddingCache, encoder_for_cache  # noqa: E402
 from model.text_centering import MODES, TextCentroids, texts_by_language  # noqa: E402
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     all_params = load_params()
     params = all_params["model"]
-    args.encoders = args.encoders or list(dict.fromkeys([params["text_encoder"], *encoders_needed(all_params)]))
+    args.encoders = args.encoders or list(dict.fromkeys([params["text_encoder"], *encoders_needed(EmbedTextConfig.from_params(all_params))]))
     centering = args.centering or params["text_centering"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +17,9 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class AudioError(ValueError):
@@ -65,7 +69,10 @@ def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int
     try:
         data, sr = sf.read(fh, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError("undecodable", str(exc).strip() or type(exc).__name__) from exc
+        # libsndfile names an in-memory input by its repr (a memory address): say "input" instead, so the
+        # same bad file always gives the same message and the caller can name the file.
+        message = _OBJECT_REPR.sub("input", str(exc).strip()) or type(exc).__name__
+        raise AudioError("undecodable", message) from exc
     if data.shape[0] == 0:
         raise AudioError("empty", "no samples")
     if not np.isfinite(data).all():

@@ -32,48 +32,82 @@ def _parse_set(values: Sequence[str]) -> dict[str, object]:
 
 
 def _params(args: argparse.Namespace) -> dict:
-    return load_params(args.params, _parse_set(args.set))
+    """params.yaml with the ``--set`` overrides, validated whole: a bad value fails before any work."""
+    from cacara.config import validate_params
+
+    params = load_params(args.params, _parse_set(args.set))
+    validate_params(params)
+    return params
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from cacara.config import IngestConfig
     from components.ingest import ingest
 
     params = _params(args)
-    result = ingest(args.source or params["data"]["source"], args.out, params, fmt=args.format)
+    if args.format:
+        params["data"]["format"] = args.format
+    result = ingest(args.source or params["data"]["source"], args.out, IngestConfig.from_params(params),
+                    previous=args.previous, shard=args.shard, num_shards=args.num_shards)
     print(result.summary())
     return 0
 
 
+def cmd_merge_shards(args: argparse.Namespace) -> int:
+    from cacara.config import IngestConfig
+    from components.ingest import merge_shards
+
+    print(merge_shards(args.parts, args.out, IngestConfig.from_params(_params(args))).summary())
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from cacara.config import ValidateConfig
     from components.validate import validate
 
-    result = validate(args.dataset, args.reports, _params(args))
+    result = validate(args.dataset, args.reports, ValidateConfig.from_params(_params(args)))
     print(result.summary())
     return 0
 
 
 def cmd_embed_captions(args: argparse.Namespace) -> int:
+    from cacara.config import EmbedTextConfig
     from components.embed_text import embed_text
 
-    print(embed_text(args.dataset, args.out, _params(args)).summary())
+    print(embed_text(args.dataset, args.out, EmbedTextConfig.from_params(_params(args)), cache=args.cache).summary())
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cacara.config import TrainConfig
     from components.train import train
 
-    result = train(args.dataset, args.text_emb, args.out, _params(args), text_encoder=args.text_encoder,
+    result = train(args.dataset, args.text_emb, args.out, TrainConfig.from_params(_params(args)),
+                   text_encoder=args.text_encoder, resume_from=args.resume_from,
                    max_epochs_this_run=args.max_epochs_this_run)
     print(result.summary())
     return 0
 
 
+def _named(values: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--model expects NAME=DIR, got {item!r}")
+        if name in out:
+            raise ValueError(f"--model {name} given twice")
+        out[name] = folder
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cacara.config import EvaluateConfig
     from components.evaluate import evaluate
 
-    params = _params(args)
-    result = evaluate(args.dataset, args.text_emb, args.model, args.english_only_model, args.out, params)
-    print(result.table(metric=params["evaluate"]["plot_metric"]))
+    config = EvaluateConfig.from_params(_params(args))
+    result = evaluate(args.dataset, args.text_emb, _named(args.model), args.out, config, contrast=args.contrast)
+    print(result.table(metric=config.evaluate.plot_metric))
     return 0
 
 
@@ -119,6 +153,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "source dataset -> canonical 16 kHz dataset + quarantine report"),
+    "merge-shards": (cmd_merge_shards, "datasets ingested as shards -> one canonical dataset"),
     "validate": (cmd_validate, "Great Expectations suite over the canonical dataset"),
     "embed-captions": (cmd_embed_captions, "embed_text step: cache every caption's embedding per frozen tower"),
     "train": (cmd_train, "train the audio branch on English captions"),
@@ -147,24 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="folder, file or fsspec URL (default: params data.source)")
     p.add_argument("--format", default=None, help="auto|canonical|clotho|audiocaps|manifest")
     p.add_argument("--out", default="work/dataset", help="output folder for the canonical dataset")
+    p.add_argument("--previous", default=None,
+                   help="an earlier dataset whose unchanged clips are taken over instead of decoded (may be --out)")
+    p.add_argument("--shard", type=int, default=0, help="with --num-shards: which shard of the rows to ingest")
+    p.add_argument("--num-shards", type=int, default=1, help="split the rows by clip id into this many shards")
+    p = add("merge-shards")
+    p.add_argument("--out", required=True, help="output folder for the merged dataset")
+    p.add_argument("parts", nargs="+", metavar="SHARD_DIR")
     p = add("validate")
     p.add_argument("--dataset", default="work/dataset")
     p.add_argument("--reports", default="reports/validation")
     p = add("embed-captions")
     p.add_argument("--dataset", default="work/dataset")
     p.add_argument("--out", default="work/text_emb")
+    p.add_argument("--cache", default=None, help="an earlier output whose embeddings are reused (may be --out)")
     p = add("train")
     p.add_argument("--dataset", default="work/dataset")
     p.add_argument("--text-emb", default="work/text_emb")
     p.add_argument("--out", default="work/train")
     p.add_argument("--text-encoder", default=None, help="frozen tower (default: params model.text_encoder)")
+    p.add_argument("--resume-from", default=None,
+                   help="checkpoints folder of an interrupted run to continue (may be OUT/checkpoints)")
     p.add_argument("--max-epochs-this-run", type=int, default=None,
                    help="stop after this many epochs with a checkpoint; the next run resumes")
     p = add("evaluate")
     p.add_argument("--dataset", default="work/dataset")
     p.add_argument("--text-emb", default="work/text_emb")
-    p.add_argument("--model", default="work/train/model")
-    p.add_argument("--english-only-model", default="work/train_en/model")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="a trained model to score (repeat; the first is the model under test)")
+    p.add_argument("--contrast", default=None, metavar="NAME",
+                   help="the --model trained against the English-only tower, compared with the first")
     p.add_argument("--out", default="reports/evaluate")
     p = add("embed-audio")
     p.add_argument("--model", default=None, help="model folder (default: the last `make run`'s)")
@@ -191,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as exc:
         log.error("%s failed: %s", args.command, exc)
         return 1
 

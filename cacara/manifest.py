@@ -87,10 +87,6 @@ def assign_split(clip_id: str, seed: int, fractions: dict[str, float]) -> str:
     return SPLITS[-1]
 
 
-def split_fractions(params: dict[str, Any]) -> dict[str, float]:
-    return {s: float(params["split"][s]) for s in SPLITS}
-
-
 def read_manifest(path: str | Path) -> list[Clip]:
     """Read a canonical manifest (the file, or the dataset folder that holds it)."""
     p = Path(path)

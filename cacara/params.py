@@ -28,8 +28,11 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         node = params
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-        if leaf not in node and parents:
-            raise KeyError(f"unknown parameter {key!r}")
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node
+        if not isinstance(node, dict) or (leaf not in node and parents):
+            from cacara.config import ConfigError
+
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else "nothing (not a section)"
+            raise ConfigError(f"unknown parameter {key!r}; {'.'.join(parents) or 'params.yaml'} has {known}")
         node[leaf] = value
     return params

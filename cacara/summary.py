@@ -48,7 +48,8 @@ def training_lines(work: Path) -> list[str]:
     for name, folder in (("train", "train"), ("train (English-only tower)", "train_en")):
         config = _load(work / folder / "model" / "config.json")
         if config is None:
-            lines.append(f"{name}: no model yet")
+            if folder == "train":
+                lines.append(f"{name}: no model yet")
             continue
         val = config.get("val", {})
         lines.append(f"{name}: {config['text_encoder']}, selected epoch {config.get('epoch')} "
@@ -74,6 +75,10 @@ def evaluation_lines(report_dir: Path, params: dict[str, Any]) -> list[str]:
     if c:
         lines.append(f"checks (t2a R@1, languages with >= {params['evaluate']['min_captions']} test captions):")
         lines.append(f"  trained beats untrained on English: {c.get('trained_beats_untrained_en_t2a_R@1')}")
+        if "english_only_contrast" not in c:
+            lines.append("  (no English-only contrast run: evaluate.english_only_contrast is off)")
+            lines.append(f"plot: {report_dir / 'r1_per_language.png'}")
+            return lines
         lines.append(f"  multilingual beats the English-only tower in {c.get('known_languages_where_multilingual_beats_english_only_t2a_R@1')}"
                      f"/{c.get('other_languages_known_to_tower')} other languages the tower knows"
                      f" (not beaten: {', '.join(c.get('known_languages_where_english_only_is_not_beaten', [])) or 'none'})")

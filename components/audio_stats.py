@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,8 @@ def _escapes_dataset(rel: str) -> bool:
     return os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep)
 
 
-def clip_audio_stats(clip: Clip, dataset_dir: str | Path, params: dict[str, Any]) -> AudioStats:
+def clip_audio_stats(clip: Clip, dataset_dir: str | Path, sample_rate: int, max_file_bytes: int,
+                     clip_level: float) -> AudioStats:
     """Decode one clip at ``audio.sample_rate`` and measure it.
 
     Level statistics are taken after the conversion to mono at the target rate because that is the
@@ -76,8 +77,7 @@ def clip_audio_stats(clip: Clip, dataset_dir: str | Path, params: dict[str, Any]
         base.audio_status, base.audio_error = STATUS_MISSING, f"no file at {clip.audio_path}"
         return base
     try:
-        decoded = audio.decode(path, int(params["audio"]["sample_rate"]),
-                               max_bytes=int(params["audio"]["max_file_bytes"]))
+        decoded = audio.decode(path, sample_rate, max_bytes=max_file_bytes)
     except audio.AudioError as exc:
         base.audio_status, base.audio_error = exc.reason, exc.detail
         return base
@@ -88,15 +88,15 @@ def clip_audio_stats(clip: Clip, dataset_dir: str | Path, params: dict[str, Any]
     base.file_channels = decoded.orig_channels
     base.duration_s = decoded.duration_s
     base.rms_dbfs = max(audio.rms_dbfs(decoded.samples), SILENCE_FLOOR_DBFS)
-    base.clipping_ratio = audio.clipping_ratio(decoded.samples, float(params["validate"]["clip_level"]))
+    base.clipping_ratio = audio.clipping_ratio(decoded.samples, clip_level)
     return base
 
 
-def audio_stats_table(clips: Iterable[Clip], dataset_dir: str | Path, params: dict[str, Any],
-                      progress: bool = True) -> pd.DataFrame:
+def audio_stats_table(clips: Iterable[Clip], dataset_dir: str | Path, sample_rate: int, max_file_bytes: int,
+                      clip_level: float, progress: bool = True) -> pd.DataFrame:
     """One row per manifest row (duplicates included), in manifest order, with a progress bar."""
     clips = list(clips)
-    rows = [asdict(clip_audio_stats(c, dataset_dir, params))
+    rows = [asdict(clip_audio_stats(c, dataset_dir, sample_rate, max_file_bytes, clip_level))
             for c in tqdm(clips, desc="decode audio", unit="clip", disable=not progress)]
     # Object dtype keeps integers as integers (8000, not 8000.0, in a report) and None as null.
     df = pd.DataFrame(rows, columns=list(COLUMNS), dtype=object)

@@ -1,8 +1,10 @@
 """Step 5, evaluate: multilingual retrieval on the test split for every system, with the same code.
 
-Systems: chance (random embeddings), the untrained text-centric model, the trained model, and the
-same training with an English-only text tower. Captions in every language of the test split are
-queries, although training saw English only: that is the claim under test.
+Systems: chance (random embeddings), the untrained text-centric model, and any number of named trained
+models; the first is the model under test, and an optional contrast (the same training against an
+English-only text tower) shows what the method claims: multilinguality survives English-only training
+against the frozen multilingual tower and collapses against the English-only one. Captions in every
+language of the test split are queries, although training saw English only.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
+from cacara.config import HEADLINE_METRICS, EvaluateConfig
 from cacara.data import ClipAudio
 from cacara.manifest import Clip, read_manifest
 from model.cacara_model import CacaraModel, build_model, load_model, text_centroids_for
@@ -26,8 +29,10 @@ from model.text_centering import TextCentroids
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("chance", "untrained", "trained", "trained_english_only")
-HEADLINE = ("t2a_R@1", "t2a_R@5", "t2a_R@10", "t2a_mAP@10", "a2t_R@1", "a2t_R@5", "a2t_R@10", "a2t_mAP@10")
+BASELINES = ("chance", "untrained")
+#: The names ``make run`` gives the trained model and its English-only contrast.
+TRAINED, ENGLISH_ONLY = "trained", "trained_english_only"
+HEADLINE = HEADLINE_METRICS
 
 
 @dataclass
@@ -35,15 +40,16 @@ class EvaluateResult:
     out_dir: Path
     rows: list[dict[str, Any]]
     summary_metrics: dict[str, Any]
+    systems: list[str]
 
     def table(self, languages: list[str] | None = None, metric: str = "t2a_R@1") -> str:
         """Language x system table of one metric (what `make run` prints)."""
         by = {(r["system"], r["language"]): r for r in self.rows}
         langs = languages or sorted({r["language"] for r in self.rows})
-        header = f"{'lang':<12}" + "".join(f"{s:>22}" for s in SYSTEMS)
+        header = f"{'lang':<12}" + "".join(f"{s:>22}" for s in self.systems)
         lines = [f"{metric} per language (test split)", header]
         for lang in langs:
-            cells = [by.get((s, lang), {}).get(metric) for s in SYSTEMS]
+            cells = [by.get((s, lang), {}).get(metric) for s in self.systems]
             lines.append(f"{lang:<12}" + "".join(f"{c:>22.1f}" if c is not None else f"{'-':>22}" for c in cells))
         return "\n".join(lines)
 
@@ -85,59 +91,67 @@ def _system_rows(name: str, audio_emb: np.ndarray, cache: TextEmbeddingCache, ce
     return rows
 
 
-def untrained_model(params: dict[str, Any], all_clips: list[Clip], cache: TextEmbeddingCache) -> CacaraModel:
+def untrained_model(config: EvaluateConfig, all_clips: list[Clip], cache: TextEmbeddingCache) -> CacaraModel:
     """The text-centric initialisation with the centring ``train`` would give it: the 'untrained' baseline."""
-    model = build_model(params, params["model"]["text_encoder"], cache)
-    model.text_centroids = text_centroids_for(params, all_clips, cache)
+    model = build_model(config.model, config.seed, config.model.text_encoder, cache)
+    model.text_centroids = text_centroids_for(config.model, all_clips, cache)
     return model
 
 
-def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, model_dir: str | Path,
-             english_only_model_dir: str | Path, out_dir: str | Path, params: dict[str, Any]) -> EvaluateResult:
-    """Score every system on every test-split language; write metrics.json, a CSV table and a plot."""
+def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, models: Mapping[str, str | Path],
+             out_dir: str | Path, config: EvaluateConfig, contrast: str | None = None) -> EvaluateResult:
+    """Score every system on every test-split language; write metrics.json, CSV tables and a plot.
+
+    ``models`` maps names to trained model folders; the first is the model under test. ``contrast``
+    names the English-only run among them: the checks and the paired bootstrap compare the first model
+    with it. Baselines (chance, the untrained initialisation) are always scored.
+    """
+    if not models:
+        raise ValueError("evaluate needs at least one trained model")
+    names = list(models)
+    if any(n in BASELINES for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique and not {BASELINES}: got {names}")
+    if contrast is not None and (contrast not in models or contrast == names[0]):
+        raise ValueError(f"contrast {contrast!r} must name one of the other models {names[1:]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev = params["evaluate"]
+    ev = config.evaluate
     all_clips = read_manifest(dataset_dir)
     clips = [c for c in all_clips if c.split == "test"]
     if not clips:
         raise ValueError("the test split is empty")
     languages = sorted({lang for c in clips for lang in c.captions})
-    waves = [w.numpy() for w in ClipAudio(dataset_dir, clips, int(params["audio"]["sample_rate"]))]
+    waves = [w.numpy() for w in ClipAudio(dataset_dir, clips, config.sample_rate)]
 
-    main_cache = TextEmbeddingCache(text_emb_dir, params["model"]["text_encoder"])
+    main_cache = TextEmbeddingCache(text_emb_dir, config.model.text_encoder)
     rows: list[dict[str, Any]] = []
     for lang in languages:
         _, owners = language_queries(clips, lang)
         rows.append({"system": "chance", "language": lang, "text_encoder": "-", "supported": None,
-                     **chance_metrics(owners, len(clips), main_cache.dim, int(ev["chance_draws"]),
-                                      int(ev["chance_seed"]))})
+                     **chance_metrics(owners, len(clips), main_cache.dim, ev.chance_draws, ev.chance_seed)})
 
-    untrained = untrained_model(params, all_clips, main_cache)
-    systems: list[tuple[str, CacaraModel, Path | None, TextEmbeddingCache]] = [
-        ("untrained", untrained, None, main_cache),
-        ("trained", load_model(model_dir), Path(model_dir), main_cache)]
-    en_model = load_model(english_only_model_dir)
-    systems.append(("trained_english_only", en_model, Path(english_only_model_dir),
-                    TextEmbeddingCache(text_emb_dir, en_model.config["text_encoder"])))
-    for name, model, folder, cache in systems:
-        if model.config["text_encoder"] != cache.encoder_name:
-            raise ValueError(f"{name}: model was trained against {model.config['text_encoder']}, "
-                             f"not {cache.encoder_name}")
-        log.info("evaluating %s on %d clips, %d languages", name, len(clips), len(languages))
+    systems: list[tuple[str, CacaraModel, Path | None]] = [
+        ("untrained", untrained_model(config, all_clips, main_cache), None)]
+    systems += [(name, load_model(folder), Path(folder)) for name, folder in models.items()]
+    for name, model, folder in systems:
+        cache = main_cache if model.config["text_encoder"] == main_cache.encoder_name else \
+            TextEmbeddingCache(text_emb_dir, model.config["text_encoder"])
+        log.info("evaluating %s (%s) on %d clips, %d languages", name, cache.encoder_name, len(clips), len(languages))
         # Trained models are embedded by their folder's ONNX export; the untrained one is exported now.
         emb = embedder_for(model, folder).embed(waves, progress=True)
         rows += _system_rows(name, emb, cache, model.text_centroids, clips, languages,
                              _languages_of(cache.encoder_name))
 
-    summary = _summarise(rows, params["ingest"]["training_language"], int(ev["min_captions"]))
-    summary["checks"].update(_significance(rows, params["ingest"]["training_language"],
-                                           out / "paired_bootstrap.csv", ev))
+    order = ["chance", "untrained", *names]
+    summary = _summarise(rows, order, names[0], contrast, config.training_language, ev.min_captions)
+    if contrast is not None:
+        summary["checks"].update(_significance(rows, names[0], contrast, config.training_language,
+                                               out / "paired_bootstrap.csv", config))
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     _write_csv(out / "per_language.csv", rows)
-    _plot(rows, out / "r1_per_language.png", ev["plot_metric"])
-    result = EvaluateResult(out, rows, summary)
-    (out / "table.txt").write_text(result.table(metric=ev["plot_metric"]) + "\n")
+    _plot(rows, order, out / "r1_per_language.png", ev.plot_metric, ev.min_captions)
+    result = EvaluateResult(out, rows, summary, order)
+    (out / "table.txt").write_text(result.table(metric=ev.plot_metric) + "\n")
     return result
 
 
@@ -165,7 +179,8 @@ def _languages_of(encoder_name: str) -> set[str] | None:
     return {_base_language(lang) for lang in langs} if langs else None
 
 
-def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions: int) -> dict[str, Any]:
+def _summarise(rows: list[dict[str, Any]], systems: list[str], primary: str, contrast: str | None,
+               training_language: str, min_captions: int) -> dict[str, Any]:
     """DVC metrics: per system the training language, the mean over the other languages, and counts.
 
     Languages with fewer than ``min_captions`` test captions stay in the per-language table but not in
@@ -173,7 +188,7 @@ def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions:
     """
     rows = [r for r in rows if r["n_texts"] >= min_captions]
     out: dict[str, Any] = {}
-    for system in SYSTEMS:
+    for system in systems:
         mine = [r for r in rows if r["system"] == system]
         en = next((r for r in mine if r["language"] == training_language), None)
         others = [r for r in mine if not _same_language(r["language"], training_language)]
@@ -182,10 +197,14 @@ def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions:
             "mean_other_languages": {k: round(float(np.mean([r[k] for r in others])), 3) for k in HEADLINE}
             if others else None,
             "languages": len(mine)}
-    t, u = out["trained"].get(training_language), out["untrained"].get(training_language)
-    trained_by, en_by, other, known = _compared_languages(rows, training_language)
-    out["checks"] = {
-        "trained_beats_untrained_en_t2a_R@1": bool(t and u and t["t2a_R@1"] > u["t2a_R@1"]),
+    t, u = out[primary].get(training_language), out["untrained"].get(training_language)
+    out["checks"] = {"model_under_test": primary,
+                     "trained_beats_untrained_en_t2a_R@1": bool(t and u and t["t2a_R@1"] > u["t2a_R@1"])}
+    if contrast is None:
+        return out
+    trained_by, en_by, other, known = _compared_languages(rows, primary, contrast, training_language)
+    out["checks"].update({
+        "english_only_contrast": contrast,
         "other_languages_known_to_tower": len(known),
         "known_languages_where_multilingual_beats_english_only_t2a_R@1":
             sum(trained_by[lang]["t2a_R@1"] > en_by[lang]["t2a_R@1"] for lang in known),
@@ -194,39 +213,40 @@ def _summarise(rows: list[dict[str, Any]], training_language: str, min_captions:
         "languages_unknown_to_tower": sorted(set(other) - set(known)),
         "unknown_languages_where_multilingual_beats_english_only_t2a_R@1":
             sum(trained_by[lang]["t2a_R@1"] > en_by[lang]["t2a_R@1"] for lang in set(other) - set(known)),
-    }
+    })
     return out
 
 
-def _compared_languages(rows: list[dict[str, Any]], training_language: str
+def _compared_languages(rows: list[dict[str, Any]], primary: str, contrast: str, training_language: str
                         ) -> tuple[dict[str, dict], dict[str, dict], list[str], list[str]]:
-    """(trained rows, English-only rows, other languages both have, those the tower claims).
+    """(model rows, contrast rows, other languages both have, those the model's tower claims).
 
     The claim under test is about languages the frozen tower knows; the others are reported apart.
     ``rows`` must already be limited to languages with enough test captions.
     """
-    trained_by = {r["language"]: r for r in rows if r["system"] == "trained"}
-    en_by = {r["language"]: r for r in rows if r["system"] == "trained_english_only"}
+    trained_by = {r["language"]: r for r in rows if r["system"] == primary}
+    en_by = {r["language"]: r for r in rows if r["system"] == contrast}
     other = [lang for lang in trained_by if not _same_language(lang, training_language) and lang in en_by]
     known = [lang for lang in other if trained_by[lang]["supported"] is not False]
     return trained_by, en_by, other, known
 
 
-def _significance(rows: list[dict[str, Any]], training_language: str, path: Path, ev: dict[str, Any]
-                  ) -> dict[str, Any]:
-    """Paired bootstrap of trained minus English-only t2a R@1 per language the tower knows.
+def _significance(rows: list[dict[str, Any]], primary: str, contrast: str, training_language: str, path: Path,
+                  config: EvaluateConfig) -> dict[str, Any]:
+    """Paired bootstrap of the model minus its English-only contrast, t2a R@1, per language the tower knows.
 
     Writes ``paired_bootstrap.csv`` and returns the languages whose interval lies wholly above or
     wholly below zero: with 29 test clips a one-clip difference is noise, and this says which
     differences are not.
     """
-    rows = [r for r in rows if r["n_texts"] >= int(ev["min_captions"])]
-    trained_by, en_by, _, known = _compared_languages(rows, training_language)
+    ev = config.evaluate
+    rows = [r for r in rows if r["n_texts"] >= ev.min_captions]
+    trained_by, en_by, _, known = _compared_languages(rows, primary, contrast, training_language)
     above, below, table = [], [], []
     for lang in sorted(known):
         t, e = trained_by[lang], en_by[lang]
-        diff, lo, hi = paired_bootstrap(t["_t2a_hits"], e["_t2a_hits"], t["_owners"], int(ev["bootstrap_draws"]),
-                                        int(ev["bootstrap_seed"]), float(ev["bootstrap_confidence"]))
+        diff, lo, hi = paired_bootstrap(t["_t2a_hits"], e["_t2a_hits"], t["_owners"], ev.bootstrap_draws,
+                                        ev.bootstrap_seed, ev.bootstrap_confidence)
         table.append({"language": lang, "trained_minus_english_only_t2a_R@1": round(diff, 3),
                       "ci_low": round(lo, 3), "ci_high": round(hi, 3)})
         if lo > 0:
@@ -237,7 +257,7 @@ def _significance(rows: list[dict[str, Any]], training_language: str, path: Path
         w = csv.DictWriter(fh, fieldnames=["language", "trained_minus_english_only_t2a_R@1", "ci_low", "ci_high"])
         w.writeheader()
         w.writerows(table)
-    return {"bootstrap_confidence": float(ev["bootstrap_confidence"]),
+    return {"bootstrap_confidence": ev.bootstrap_confidence,
             "known_languages_significantly_above_english_only": above,
             "known_languages_significantly_below_english_only": below}
 
@@ -251,28 +271,39 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             w.writerow({k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in keys})
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
+def _plot(rows: list[dict[str, Any]], systems: list[str], path: Path, metric: str, min_captions: int) -> list[str]:
+    """Bars per language and system, best first for the model under test; languages with fewer than
+    ``min_captions`` test captions are left out (one caption gives 0 or 100 % by luck). Returns the
+    languages drawn, in order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    primary = systems[2] if len(systems) > 2 else systems[-1]
+    counted = {r["language"] for r in rows if r["n_texts"] >= min_captions}
+    left_out = sorted({r["language"] for r in rows} - counted)
     # Ties broken by name: a set's order changes with the process's hash seed, and so would the plot.
-    langs = sorted({r["language"] for r in rows},
-                   key=lambda l: (-next((r[metric] for r in rows if r["system"] == "trained" and r["language"] == l),
-                                        0), l))
+    langs = sorted(counted, key=lambda l: (-next((r[metric] for r in rows if r["system"] == primary
+                                                  and r["language"] == l), 0), l))
     by = {(r["system"], r["language"]): r[metric] for r in rows}
     y = np.arange(len(langs))
-    height = 0.2
+    height = 0.8 / len(systems)
     fig, ax = plt.subplots(figsize=(9, max(4, 0.3 * len(langs))))
-    for i, system in enumerate(SYSTEMS):
-        ax.barh(y + (i - 1.5) * height, [by.get((system, l), 0) for l in langs], height, label=system)
+    for i, system in enumerate(systems):
+        ax.barh(y + (i - (len(systems) - 1) / 2) * height, [by.get((system, l), 0) for l in langs], height,
+                label=system)
     ax.set_yticks(y, langs, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (%)")
-    ax.set_title(f"{metric} per caption language, test split\n(training saw English captions only)")
+    note = f"languages with >= {min_captions} test captions"
+    if left_out:
+        note += f"; left out: {len(left_out)} with fewer"
+    ax.set_title(f"{metric} per caption language, test split\n(training saw English captions only; {note})",
+                 fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return langs

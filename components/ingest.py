@@ -3,6 +3,11 @@
 Unusable clips are never dropped silently: each goes to ``quarantine.json`` with its reason, and the
 run fails when more than ``ingest.max_bad_fraction`` of the rows are bad (a sign the source itself is
 wrong, which no model should be trained on quietly).
+
+Large sources are ingested in shards (each shard takes the clips whose id hashes to it) and the shards
+merged into one dataset (:func:`merge_shards`), which is then the dataset one shard would have written.
+An earlier dataset is an explicit input (``previous``): clips whose source bytes and settings are
+unchanged are taken from it instead of being decoded again; the output folder itself is never read.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +27,8 @@ import fsspec
 from tqdm import tqdm
 
 from cacara import audio
-from cacara.manifest import (MANIFEST_NAME, QUARANTINE_NAME, SPLITS, Clip, assign_split, read_manifest,
-                             split_fractions, write_manifest)
+from cacara.config import IngestConfig
+from cacara.manifest import MANIFEST_NAME, QUARANTINE_NAME, SPLITS, Clip, assign_split, read_manifest, write_manifest
 from cacara.sources import BadRow, SourceRow, read_source
 
 log = logging.getLogger(__name__)
@@ -95,48 +102,63 @@ def _clean_captions(row: SourceRow, dropped: list[dict[str, Any]]) -> dict[str, 
     return out
 
 
-def _previous(out_dir: Path) -> dict[str, Clip]:
-    """Rows of an earlier run, for skipping unchanged clips (ingest must be quick to re-run)."""
+def _previous(previous: Path | None) -> dict[str, Clip]:
+    """Rows of an earlier dataset, for taking unchanged clips over instead of decoding them again."""
+    if previous is None or not (previous / MANIFEST_NAME).exists():
+        return {}
     try:
-        return {c.clip_id: c for c in read_manifest(out_dir)} if (out_dir / MANIFEST_NAME).exists() else {}
+        return {c.clip_id: c for c in read_manifest(previous)}
     except ValueError:
+        log.warning("earlier dataset %s has an unreadable manifest: every clip is decoded again", previous)
         return {}
 
 
-def _settings_key(params: dict[str, Any]) -> str:
-    keys = {"audio": params["audio"], "format": params["ingest"]["audio_format"]}
+def _settings_key(config: IngestConfig) -> str:
+    keys = {"audio": config.audio.model_dump(), "format": config.ingest.audio_format}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _convert(row: SourceRow, captions: dict[str, list[str]], out_dir: Path, params: dict[str, Any],
-             previous: dict[str, Clip]) -> tuple[Clip, bool]:
+def _place(src: Path, dest: Path) -> None:
+    """Put an unchanged clip's file from the earlier dataset into the new one (a hard link where possible)."""
+    if src.resolve() == dest.resolve():
+        return
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _convert(row: SourceRow, captions: dict[str, list[str]], out_dir: Path, config: IngestConfig,
+             previous: dict[str, Clip], previous_dir: Path | None) -> tuple[Clip, bool]:
     """Decode, check and write one clip; raises AudioError with the quarantine reason."""
-    a = params["audio"]
+    a = config.audio
     try:
         with fsspec.open(row.audio_url, "rb") as fh:
-            raw = fh.read(int(a["max_file_bytes"]) + 1)
+            raw = fh.read(a.max_file_bytes + 1)
     except FileNotFoundError as exc:
         raise audio.AudioError("missing_file", row.audio_url) from exc
     except OSError as exc:
         raise audio.AudioError("missing_file", f"{row.audio_url}: {exc}") from exc
     source_hash = hashlib.sha256(raw).hexdigest()
-    settings = _settings_key(params)
-    rel = _file_name(row.clip_id, params["ingest"]["audio_format"])
-    split = assign_split(row.clip_id, int(params["split"]["seed"]), split_fractions(params))
+    settings = _settings_key(config)
+    rel = _file_name(row.clip_id, config.ingest.audio_format)
+    split = assign_split(row.clip_id, config.split.seed, config.split.fractions())
     prev = previous.get(row.clip_id)
-    if (prev is not None and prev.extra.get("source_sha256") == source_hash
-            and prev.extra.get("settings") == settings and (out_dir / prev.audio_path).exists()):
+    if (prev is not None and previous_dir is not None and prev.extra.get("source_sha256") == source_hash
+            and prev.extra.get("settings") == settings and (previous_dir / prev.audio_path).exists()):
+        _place(previous_dir / prev.audio_path, out_dir / prev.audio_path)
         clip = Clip(**{**prev.__dict__, "captions": captions, "split": split,
                        "source": row.source or prev.source, "license": row.license or prev.license})
         return clip, True
-    decoded = audio.decode(raw, int(a["sample_rate"]), max_bytes=int(a["max_file_bytes"]))
-    if decoded.duration_s < float(a["min_duration_s"]):
-        raise audio.AudioError("too_short", f"{decoded.duration_s:.2f} s < {a['min_duration_s']} s")
-    if decoded.duration_s > float(a["max_duration_s"]):
-        raise audio.AudioError("too_long", f"{decoded.duration_s:.2f} s > {a['max_duration_s']} s")
+    decoded = audio.decode(raw, a.sample_rate, max_bytes=a.max_file_bytes)
+    if decoded.duration_s < a.min_duration_s:
+        raise audio.AudioError("too_short", f"{decoded.duration_s:.2f} s < {a.min_duration_s} s")
+    if decoded.duration_s > a.max_duration_s:
+        raise audio.AudioError("too_long", f"{decoded.duration_s:.2f} s > {a.max_duration_s} s")
     level = audio.rms_dbfs(decoded.samples)
-    if level < float(a["silence_rms_dbfs"]):
-        raise audio.AudioError("silent", f"RMS {level:.1f} dBFS < {a['silence_rms_dbfs']} dBFS")
+    if level < a.silence_rms_dbfs:
+        raise audio.AudioError("silent", f"RMS {level:.1f} dBFS < {a.silence_rms_dbfs} dBFS")
     audio.write(out_dir / rel, decoded.samples, decoded.sample_rate)
     sha = hashlib.sha256((out_dir / rel).read_bytes()).hexdigest()
     extra = dict(row.extra, source_sha256=source_hash, settings=settings)
@@ -148,17 +170,33 @@ def _convert(row: SourceRow, captions: dict[str, list[str]], out_dir: Path, para
                 row.license or "unknown", split, sha, extra), False
 
 
-def ingest(source: str | Path, out_dir: str | Path, params: dict[str, Any], fmt: str | None = None) -> IngestResult:
+def shard_of(row: SourceRow | BadRow, num_shards: int) -> int:
+    """Which shard handles a row: by a hash of its clip id (so a clip's duplicate rows meet in one shard),
+    by row number for rows too broken to have an id."""
+    if num_shards == 1:
+        return 0
+    key = row.clip_id or f"row:{row.row}"
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") % num_shards
+
+
+def ingest(source: str | Path, out_dir: str | Path, config: IngestConfig, previous: str | Path | None = None,
+           shard: int = 0, num_shards: int = 1) -> IngestResult:
     """Read ``source`` (folder, file or fsspec URL) and write the canonical dataset to ``out_dir``.
 
-    Idempotent: clips whose source bytes and audio settings are unchanged are not decoded again, and
-    files of clips no longer in the source are removed so the folder always equals the manifest.
+    ``previous`` is an earlier dataset whose unchanged clips are taken over instead of decoded again (it
+    may be ``out_dir`` itself, as ``dvc repro`` passes it). ``out_dir`` ends up holding exactly the
+    manifest's files. With ``num_shards`` > 1 only shard ``shard``'s rows are handled and the
+    bad-fraction gate is left to :func:`merge_shards`, which sees every row.
     """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
     out = Path(out_dir)
     (out / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
-    lang = params["ingest"]["training_language"]
-    fmt_used, rows = read_source(str(source), fmt or params["data"]["format"], lang)
-    previous = _previous(out)
+    previous_dir = Path(previous) if previous is not None else None
+    lang = config.ingest.training_language
+    fmt_used, rows = read_source(str(source), config.format, lang)
+    rows = [r for r in rows if shard_of(r, num_shards) == shard]
+    earlier = _previous(previous_dir)
     clips: list[Clip] = []
     quarantined: list[Quarantined] = []
     dropped: list[dict[str, Any]] = []
@@ -178,26 +216,73 @@ def ingest(source: str | Path, out_dir: str | Path, params: dict[str, Any], fmt:
                                            f"no non-empty caption in the training language {lang!r}"))
             continue
         try:
-            clip, was_reused = _convert(row, captions, out, params, previous)
+            clip, was_reused = _convert(row, captions, out, config, earlier, previous_dir)
         except audio.AudioError as exc:
-            quarantined.append(Quarantined(row.row, row.clip_id, exc.reason, exc.detail))
+            detail = exc.detail if row.audio_url in exc.detail else f"{row.audio_url}: {exc.detail}"
+            quarantined.append(Quarantined(row.row, row.clip_id, exc.reason, detail))
             continue
         reused += was_reused
         clips.append(clip)
-    keep = {c.audio_path for c in clips}
+    result = IngestResult(fmt_used, out, clips, quarantined, dropped, reused)
+    _write_dataset(result, str(source), config)
+    log.info("%s", result.summary())
+    if num_shards == 1:
+        _gate(result, config)
+    return result
+
+
+def _write_dataset(result: IngestResult, source: str, config: IngestConfig) -> None:
+    """Manifest and quarantine report; files no clip names are removed so the folder equals the manifest."""
+    out = result.out_dir
+    keep = {c.audio_path for c in result.clips}
     for stale in (out / AUDIO_DIR).iterdir():
         if f"{AUDIO_DIR}/{stale.name}" not in keep:
             stale.unlink()
-    write_manifest(clips, out)
-    result = IngestResult(fmt_used, out, clips, quarantined, dropped, reused)
-    report = {"source": str(source), "format": fmt_used, "total_rows": result.total_rows,
-              "kept": len(clips), "bad_fraction": round(result.bad_fraction, 6),
-              "max_bad_fraction": params["ingest"]["max_bad_fraction"],
-              "quarantined": [q.__dict__ for q in quarantined], "dropped_captions": dropped}
+    write_manifest(result.clips, out)
+    report = {"source": source, "format": result.format, "total_rows": result.total_rows,
+              "kept": len(result.clips), "bad_fraction": round(result.bad_fraction, 6),
+              "max_bad_fraction": config.ingest.max_bad_fraction,
+              "quarantined": [q.__dict__ for q in sorted(result.quarantined, key=lambda q: (q.row, q.clip_id))],
+              "dropped_captions": sorted(result.dropped_captions, key=lambda d: (d["clip_id"], d["language"], d["index"]))}
     (out / QUARANTINE_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    log.info("%s", result.summary())
-    if result.bad_fraction > float(params["ingest"]["max_bad_fraction"]):
-        raise IngestFailed(f"{len(quarantined)} of {result.total_rows} rows quarantined "
-                           f"({result.bad_fraction:.1%} > ingest.max_bad_fraction "
-                           f"{params['ingest']['max_bad_fraction']:.1%}); see {out / QUARANTINE_NAME}")
+
+
+def _gate(result: IngestResult, config: IngestConfig) -> None:
+    limit = config.ingest.max_bad_fraction
+    if result.bad_fraction > limit:
+        raise IngestFailed(f"{len(result.quarantined)} of {result.total_rows} rows quarantined "
+                           f"({result.bad_fraction:.1%} > ingest.max_bad_fraction {limit:.1%}); "
+                           f"see {result.out_dir / QUARANTINE_NAME}")
+
+
+def merge_shards(parts: list[str | Path], out_dir: str | Path, config: IngestConfig) -> IngestResult:
+    """One dataset from the shards :func:`ingest` wrote: their clips, files and quarantine entries.
+
+    The result equals what a single-shard ingest of the same source writes; the bad-fraction gate runs
+    here, over every row.
+    """
+    out = Path(out_dir)
+    (out / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
+    clips: list[Clip] = []
+    quarantined: list[Quarantined] = []
+    dropped: list[dict[str, Any]] = []
+    formats, sources = set(), set()
+    for part in map(Path, parts):
+        report = json.loads((part / QUARANTINE_NAME).read_text(encoding="utf-8"))
+        formats.add(report["format"])
+        sources.add(report["source"])
+        quarantined += [Quarantined(**q) for q in report["quarantined"]]
+        dropped += report["dropped_captions"]
+        for clip in read_manifest(part):
+            _place(part / clip.audio_path, out / clip.audio_path)
+            clips.append(clip)
+    ids = [c.clip_id for c in clips]
+    if len(ids) != len(set(ids)):
+        raise ValueError("shards hold the same clip twice: they were not cut from one source with one shard count")
+    if len(formats) > 1 or len(sources) > 1:
+        raise ValueError(f"shards come from different sources or formats: {sorted(sources)} {sorted(formats)}")
+    result = IngestResult(formats.pop() if formats else "unknown", out, clips, quarantined, dropped)
+    _write_dataset(result, sources.pop() if sources else "", config)
+    log.info("merged %d shards: %s", len(parts), result.summary())
+    _gate(result, config)
     return result

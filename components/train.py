@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cacara.augment import WaveAugment
+from cacara.config import TrainConfig, TrainSection
 from cacara.data import ClipAudio, batches, pad_batch
 from cacara.manifest import read_manifest
 from model.cacara_model import (CacaraModel, build_model, embed_waveforms, load_model, save_model,
@@ -69,9 +70,9 @@ class _Dist:
         return self.rank == 0
 
 
-def _setup_distributed(params: dict[str, Any]) -> _Dist:
+def _setup_distributed(settings: TrainSection) -> _Dist:
     """Single process unless launched by torchrun (WORLD_SIZE > 1)."""
-    want = params["train"]["device"]
+    want = settings.device
     cuda = torch.cuda.is_available() and want in ("auto", "cuda")
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no CUDA device is visible")
@@ -88,9 +89,9 @@ def _setup_distributed(params: dict[str, Any]) -> _Dist:
     return _Dist(rank, world, device)
 
 
-def _autocast(params: dict[str, Any], device: torch.device):
+def _autocast(settings: TrainSection, device: torch.device):
     """bf16 autocast on GPUs that support it; fp32 elsewhere (CPU bf16 is slower than fp32 here)."""
-    prec = params["train"]["precision"]
+    prec = settings.precision
     if prec == "fp32" or (prec == "auto" and device.type != "cuda"):
         return nullcontext()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -140,12 +141,11 @@ def inputs_fingerprint(model: CacaraModel, text_rows: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def config_hash(params: dict[str, Any], text_encoder: str, manifest_sha: str, inputs_sha: str) -> str:
+def config_hash(config: TrainConfig, text_encoder: str, manifest_sha: str, inputs_sha: str) -> str:
     """What a checkpoint was trained under; resuming under anything else would mix two runs."""
-    keys = {"code": _code_fingerprint(), "model": params["model"], "train": {k: v for k, v in params["train"].items()
-                                                if k not in ("device", "num_workers")},
-            "text_encoder": text_encoder, "data": manifest_sha, "audio": params["audio"]["sample_rate"],
-            "inputs": inputs_sha}
+    keys = {"code": _code_fingerprint(), "model": config.model.model_dump(),
+            "train": config.train.model_dump(exclude={"device"}), "text_encoder": text_encoder,
+            "data": manifest_sha, "audio": config.sample_rate, "inputs": inputs_sha}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -192,7 +192,7 @@ def _load_checkpoint(path: Path, model: CacaraModel, loss: ContrastiveLoss, opt:
 
 
 def validation_score(model: CacaraModel, val_audio: list[torch.Tensor], val_text: np.ndarray,
-                     val_text_clip: list[int], params: dict[str, Any], device: torch.device) -> dict[str, float]:
+                     val_text_clip: list[int], device: torch.device) -> dict[str, float]:
     """English retrieval on the validation split; ``select_metric`` picks the number that selects."""
     emb = embed_waveforms(model, val_audio, device)
     m = retrieval_metrics(val_text, emb, val_text_clip)
@@ -200,21 +200,24 @@ def validation_score(model: CacaraModel, val_audio: list[torch.Tensor], val_text
     return m
 
 
-def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path, params: dict[str, Any],
-          text_encoder: str | None = None, max_epochs_this_run: int | None = None) -> TrainResult:
-    """Train (or resume) and write the selected model to ``out_dir/model``.
+def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path, config: TrainConfig,
+          text_encoder: str | None = None, resume_from: str | Path | None = None,
+          max_epochs_this_run: int | None = None) -> TrainResult:
+    """Train and write the selected model to ``out_dir/model``, checkpoints to ``out_dir/checkpoints``.
 
-    ``max_epochs_this_run`` stops early after that many epochs with a valid checkpoint, which is what a
-    preempted node looks like; the next call resumes from it.
+    ``resume_from`` is the checkpoints folder of an interrupted run (it may be ``out_dir/checkpoints``
+    itself, as ``dvc repro`` passes it): a run under the same settings and inputs continues from its last
+    epoch, anything else starts afresh. ``max_epochs_this_run`` stops early after that many epochs with
+    a valid checkpoint, which is what a preempted node looks like.
     """
-    p = params["train"]
-    augment = WaveAugment(float(p["augment_gain_db"]), float(p["augment_shift_s"]))
-    text_encoder = text_encoder or params["model"]["text_encoder"]
-    lang = params["ingest"]["training_language"]
+    p = config.train
+    augment = WaveAugment(p.augment_gain_db, p.augment_shift_s)
+    text_encoder = text_encoder or config.model.text_encoder
+    lang = config.training_language
     out = Path(out_dir)
     (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-    dd = _setup_distributed(params)
-    torch.manual_seed(int(p["seed"]))
+    dd = _setup_distributed(p)
+    torch.manual_seed(p.seed)
 
     clips = read_manifest(dataset_dir)
     manifest_sha = hashlib.sha256((Path(dataset_dir) / "manifest.jsonl").read_bytes()).hexdigest()
@@ -226,47 +229,51 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     cache = TextEmbeddingCache(text_emb_dir, text_encoder)
     train_caps = [c.captions_in(lang) for c in train_clips]
     val_captions = [(i, t) for i, c in enumerate(val_clips) for t in c.captions_in(lang)]
-    centroids = text_centroids_for(params, clips, cache)
+    centroids = text_centroids_for(config.model, clips, cache)
     val_text = centroids.apply(cache.get([t for _, t in val_captions]), lang)
     # Fails now, not mid-epoch, if embed_text was skipped.
     train_text = cache.get([t for caps in train_caps for t in caps])
-    sr = int(params["audio"]["sample_rate"])
+    sr = config.sample_rate
     train_audio = ClipAudio(dataset_dir, train_clips, sr)
     val_audio = [w for w in ClipAudio(dataset_dir, val_clips, sr)]
 
-    model = build_model(params, text_encoder, cache).to(dd.device)
+    model = build_model(config.model, p.seed, text_encoder, cache).to(dd.device)
     model.text_centroids = centroids
     inputs_sha = inputs_fingerprint(model, np.concatenate([train_text, val_text]))
-    head_params, backbone_params = set_trainable(model, p["trainable"], int(p["last_blocks"]),
-                                               bool(p["train_class_vectors"]))
-    loss_fn = ContrastiveLoss(float(p["init_temperature"]), float(p["max_logit_scale"])).to(dd.device)
+    head_params, backbone_params = set_trainable(model, p.trainable, p.last_blocks, p.train_class_vectors)
+    loss_fn = ContrastiveLoss(p.init_temperature, p.max_logit_scale).to(dd.device)
     opt = torch.optim.AdamW([
-        {"params": head_params, "lr": float(p["lr_head"]), "weight_decay": float(p["weight_decay"])},
-        {"params": backbone_params, "lr": float(p["lr_backbone"]), "weight_decay": float(p["weight_decay"])},
-        {"params": [loss_fn.logit_scale], "lr": float(p["lr_head"]), "weight_decay": 0.0},
+        {"params": head_params, "lr": p.lr_head, "weight_decay": p.weight_decay},
+        {"params": backbone_params, "lr": p.lr_backbone, "weight_decay": p.weight_decay},
+        {"params": [loss_fn.logit_scale], "lr": p.lr_head, "weight_decay": 0.0},
     ])
     n = len(train_clips)
     per_rank = n // dd.world
-    bs = int(p["batch_size"])
+    bs = p.batch_size
     steps_per_epoch = math.ceil(per_rank / bs)
-    epochs = int(p["epochs"])
+    epochs = p.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(epochs * steps_per_epoch, int(p["warmup_epochs"]) * steps_per_epoch))
+        opt, _lr_lambda(epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch))
 
-    chash = config_hash(params, text_encoder, manifest_sha, inputs_sha)
+    chash = config_hash(config, text_encoder, manifest_sha, inputs_sha)
+    settings = config.model_dump()
     last = out / CKPT_DIR / "last.safetensors"
     start_epoch, best_score, best_epoch, history, resumed = 1, -1.0, 0, [], None
-    if last.exists() and json.loads(last.with_suffix(".json").read_text()).get("config") == chash:
-        meta = _load_checkpoint(last, model, loss_fn, opt, sched)
+    earlier = Path(resume_from) / "last.safetensors" if resume_from is not None else None
+    if earlier is not None and earlier.exists() and json.loads(earlier.with_suffix(".json").read_text()).get("config") == chash:
+        meta = _load_checkpoint(earlier, model, loss_fn, opt, sched)
         start_epoch, best_score, best_epoch = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"]
         history, resumed = meta["history"], meta["epoch"]
+        if dd.main and Path(resume_from).resolve() != (out / CKPT_DIR).resolve():
+            shutil.rmtree(out / CKPT_DIR / "best", ignore_errors=True)
+            shutil.copytree(Path(resume_from) / "best", out / CKPT_DIR / "best")
         log.info("resuming after epoch %d (best %.2f at epoch %d)", meta["epoch"], best_score, best_epoch)
-    elif last.exists():
-        log.info("checkpoint in %s was trained under other settings: starting afresh", out / CKPT_DIR)
+    elif earlier is not None and earlier.exists():
+        log.info("checkpoint in %s was trained under other settings: starting afresh", resume_from)
 
     # L2-SP: pull the head toward its text-centric initialisation, which already sits in the frozen
     # tower's multilingual space; plain fine-tuning on English drifts toward English-only directions.
-    anchor_weight = float(p["init_anchor"])
+    anchor_weight = p.init_anchor
     anchor = {n: q.detach().clone() for n, q in model.head.named_parameters()} if anchor_weight > 0 else {}
 
     ddp_model = model
@@ -278,15 +285,15 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
         nonlocal best_score, best_epoch
         if dd.main:
             model.eval()
-            m = validation_score(model, val_audio, val_text, [i for i, _ in val_captions], params, dd.device)
-            score = m[p["select_metric"]]
+            m = validation_score(model, val_audio, val_text, [i for i, _ in val_captions], dd.device)
+            score = m[p.select_metric]
             row = {"epoch": epoch, "train_loss": train_loss, "temperature": loss_fn.temperature,
                    "lr_head": opt.param_groups[0]["lr"], "val_t2a_R@1": m["t2a_R@1"],
                    "val_a2t_R@1": m["a2t_R@1"], "val_t2a_R@5": m["t2a_R@5"], "val_score": score}
             history.append(row)
             if score > best_score:
                 best_score, best_epoch = score, epoch
-                save_model(model, out / CKPT_DIR / "best", params, text_encoder,
+                save_model(model, out / CKPT_DIR / "best", settings, text_encoder,
                            extra={"epoch": epoch, "val": m, "config": chash})
             _write_history(out / HISTORY, history)
         if dd.world > 1:
@@ -305,7 +312,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
         if max_epochs_this_run is not None and ran >= max_epochs_this_run:
             break
         # Per-epoch randomness derives from (seed, epoch): nothing to save for an exact resume.
-        g = torch.Generator().manual_seed(int(p["seed"]) * 100003 + epoch)
+        g = torch.Generator().manual_seed(p.seed * 100003 + epoch)
         perm = torch.randperm(n, generator=g)[dd.rank::dd.world][:per_rank].tolist()
         pick = torch.randint(0, 1 << 30, (n,), generator=g).tolist()
         model.train()
@@ -315,7 +322,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
             waves, lengths = pad_batch([augment(train_audio[i], sr, g) for i in chosen])
             texts = [train_caps[i][pick[i] % len(train_caps[i])] for i in chosen]
             target = torch.from_numpy(centroids.apply(cache.get(texts), lang)).to(dd.device)
-            with _autocast(params, dd.device):
+            with _autocast(p, dd.device):
                 audio_emb = ddp_model(waves.to(dd.device), lengths.to(dd.device))
             loss = loss_fn(audio_emb.float(), target)
             if anchor:
@@ -334,7 +341,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
             bar.set_postfix(loss=f"{train_loss:.3f}", T=f"{loss_fn.temperature:.3f}",
                             val=f"{history[-1]['val_score']:.1f}")
             log.info("epoch %d: loss %.4f, temperature %.4f, val %s %.2f", epoch, train_loss,
-                     loss_fn.temperature, p["select_metric"], history[-1]["val_score"])
+                     loss_fn.temperature, p.select_metric, history[-1]["val_score"])
         ran += 1
     if dd.main:
         _write_history(out / HISTORY, history)

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import pandas as pd
 
-from cacara.manifest import MANIFEST_NAME, SCHEMA, SPLITS, Clip, split_fractions
+from cacara.config import CHECKS, ValidateConfig
+from cacara.manifest import MANIFEST_NAME, SCHEMA, SPLITS, Clip
 from components.audio_stats import STATUS_OK, audio_stats_table
 
 if TYPE_CHECKING:
@@ -56,8 +57,6 @@ log = logging.getLogger(__name__)
 
 CRITICAL = "critical"
 WARNING = "warning"
-CHECKS = ("schema", "unique_ids", "captions_present", "caption_length", "training_language", "sample_rate",
-          "duration", "audio_decodable", "split_fractions", "rms_level", "clipping")
 
 JSON_NAME = "validation.json"
 HTML_NAME = "validation.html"
@@ -188,9 +187,9 @@ def _caption_rows(clips: Iterable[Clip]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["clip_id", "split", "language", "caption"], dtype=object)
 
 
-def _split_rows(manifest: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+def _split_rows(manifest: pd.DataFrame, config: ValidateConfig) -> pd.DataFrame:
     """Each split's share of all rows (unknown split values count in the denominator) vs. its fraction."""
-    fractions = split_fractions(params)
+    fractions = config.split.fractions()
     total_fraction = sum(fractions.values())
     counts = Counter(manifest["split"].tolist()) if "split" in manifest else Counter()
     n = len(manifest)
@@ -217,7 +216,7 @@ def language_detector() -> "LanguageDetector":
 
 
 def judge_caption_languages(texts: list[str], language_code: str,
-                            params: dict[str, Any]) -> list[tuple[bool, str | None]]:
+                            config: ValidateConfig) -> list[tuple[bool, str | None]]:
     """Apply the language rule of the module docstring to each caption: (passes, detected ISO 639-1 code).
 
     Batched because lingua's ``*_in_parallel`` calls spread a large caption table over every core.
@@ -227,8 +226,8 @@ def judge_caption_languages(texts: list[str], language_code: str,
     if not texts:
         return []
     language = Language.from_iso_code_639_1(IsoCode639_1.from_str(language_code))
-    min_words = int(params["validate"]["language_min_words"])
-    max_other = float(params["validate"]["language_max_other_confidence"])
+    min_words = config.validate_.language_min_words
+    max_other = config.validate_.language_max_other_confidence
     detector = language_detector()
 
     def code(lang: Any) -> str | None:
@@ -246,7 +245,7 @@ def judge_caption_languages(texts: list[str], language_code: str,
     return out
 
 
-def _add_language_flags(captions: pd.DataFrame, params: dict[str, Any], run: bool) -> pd.DataFrame:
+def _add_language_flags(captions: pd.DataFrame, config: ValidateConfig, run: bool) -> pd.DataFrame:
     """``language_ok``: True/False for training-language captions of training clips, null elsewhere
     (null rows are outside the expectation's domain, so evaluation captions in other languages pass);
     ``detected_language`` rides along so a failure in the report says what lingua heard instead."""
@@ -255,12 +254,12 @@ def _add_language_flags(captions: pd.DataFrame, params: dict[str, Any], run: boo
         captions[col] = pd.Series([None] * len(captions), index=captions.index, dtype=object)
     if not run or captions.empty:
         return captions
-    code = str(params["ingest"]["training_language"])
+    code = config.training_language
     text = captions["caption"]
     mask = ((captions["split"] == TRAIN_SPLIT) & (captions["language"] == code)
             & text.map(lambda t: isinstance(t, str) and bool(t.strip())))
     if mask.any():
-        verdicts = judge_caption_languages(text[mask].tolist(), code, params)
+        verdicts = judge_caption_languages(text[mask].tolist(), code, config)
         idx = text[mask].index
         captions.loc[mask, "language_ok"] = pd.Series([ok for ok, _ in verdicts], index=idx, dtype=object)
         captions.loc[mask, "detected_language"] = pd.Series([lang for _, lang in verdicts], index=idx, dtype=object)
@@ -269,18 +268,10 @@ def _add_language_flags(captions: pd.DataFrame, params: dict[str, Any], run: boo
 
 # ------------------------------------------------------------------------------------------ expectations
 
-def _severities(params: dict[str, Any]) -> dict[str, str]:
-    """Check name -> severity; a typo in params.yaml is an error, not a silently skipped check."""
-    groups = {CRITICAL: list(params["validate"].get(CRITICAL) or []),
-              WARNING: list(params["validate"].get(WARNING) or [])}
-    out: dict[str, str] = {}
-    for severity, names in groups.items():
-        for name in names:
-            if name not in CHECKS:
-                raise ValueError(f"validate.{severity} names unknown check {name!r}; known: {', '.join(CHECKS)}")
-            if name in out:
-                raise ValueError(f"check {name!r} is listed as both critical and warning")
-            out[name] = severity
+def _severities(config: ValidateConfig) -> dict[str, str]:
+    """Check name -> severity (the config has already refused unknown names and names listed twice)."""
+    out = {name: CRITICAL for name in config.validate_.critical}
+    out.update({name: WARNING for name in config.validate_.warning})
     for name in CHECKS:
         if name not in out:
             log.info("check %s is in neither validate.critical nor validate.warning: not run", name)
@@ -291,13 +282,13 @@ def _type_names(types: type | tuple[type, ...]) -> list[str]:
     return [t.__name__ for t in (types if isinstance(types, tuple) else (types,))]
 
 
-def _expectations(params: dict[str, Any]) -> dict[str, list[tuple[str, Any]]]:
-    """(check name, GX expectation) per table; every threshold comes from params."""
+def _expectations(config: ValidateConfig) -> dict[str, list[tuple[str, Any]]]:
+    """(check name, GX expectation) per table; every threshold comes from the config."""
     import great_expectations as gx
 
     E = gx.expectations
-    v, a = params["validate"], params["audio"]
-    sr = int(a["sample_rate"])
+    v, a = config.validate_, config.audio
+    sr = a.sample_rate
     manifest: list[tuple[str, Any]] = [
         ("schema", E.ExpectTableColumnsToMatchSet(column_set=[*SCHEMA, EXTRA_COLUMN, LINE_COLUMN], exact_match=True)),
         ("schema", E.ExpectTableRowCountToBeBetween(min_value=1)),
@@ -315,28 +306,28 @@ def _expectations(params: dict[str, Any]) -> dict[str, list[tuple[str, Any]]]:
     audio = [
         ("audio_decodable", E.ExpectColumnValuesToBeInSet(column="audio_status", value_set=[STATUS_OK])),
         ("sample_rate", E.ExpectColumnValuesToBeInSet(column="file_sample_rate", value_set=[sr])),
-        ("duration", E.ExpectColumnValuesToBeBetween(column="duration_s", min_value=float(a["min_duration_s"]),
-                                                      max_value=float(a["max_duration_s"]))),
-        ("rms_level", E.ExpectColumnValuesToBeBetween(column="rms_dbfs", min_value=float(v["min_rms_dbfs"]))),
+        ("duration", E.ExpectColumnValuesToBeBetween(column="duration_s", min_value=a.min_duration_s,
+                                                      max_value=a.max_duration_s)),
+        ("rms_level", E.ExpectColumnValuesToBeBetween(column="rms_dbfs", min_value=v.min_rms_dbfs)),
         ("clipping", E.ExpectColumnValuesToBeBetween(column="clipping_ratio",
-                                                      max_value=float(v["max_clipping_ratio"]))),
+                                                      max_value=v.max_clipping_ratio)),
     ]
     captions = [
         ("captions_present", E.ExpectColumnValuesToNotBeNull(column="caption")),
         ("captions_present", E.ExpectColumnValuesToNotMatchRegex(column="caption", regex=r"^\s*$")),
         ("caption_length", E.ExpectColumnValueLengthsToBeBetween(column="caption",
-                                                                 min_value=int(v["caption_min_chars"]),
-                                                                 max_value=int(v["caption_max_chars"]))),
+                                                                 min_value=v.caption_min_chars,
+                                                                 max_value=v.caption_max_chars)),
         ("training_language", E.ExpectColumnValuesToBeInSet(column="language_ok", value_set=[True])),
     ]
     splits = [
         ("split_fractions", E.ExpectColumnValuesToBeBetween(column="deviation", min_value=0.0,
-                                                             max_value=float(v["split_tolerance"]))),
+                                                             max_value=v.split_tolerance)),
     ]
     return {"manifest": manifest, "audio": audio, "captions": captions, "splits": splits}
 
 
-def _run_suites(tables: dict[str, pd.DataFrame], params: dict[str, Any], severities: dict[str, str],
+def _run_suites(tables: dict[str, pd.DataFrame], config: ValidateConfig, severities: dict[str, str],
                 data_docs_dir: Path) -> tuple[list[Any], Path]:
     """One suite and ValidationDefinition per table, each run with its own key columns, then Data Docs.
 
@@ -358,7 +349,7 @@ def _run_suites(tables: dict[str, pd.DataFrame], params: dict[str, Any], severit
     })
     source = context.data_sources.add_pandas("cacara")
     results = []
-    for table, expectations in _expectations(params).items():
+    for table, expectations in _expectations(config).items():
         chosen = [(check, exp) for check, exp in expectations if check in severities]
         if not chosen:
             continue
@@ -501,21 +492,22 @@ def _failure_message(failed: list[ExpectationOutcome], json_path: Path) -> str:
 
 # -------------------------------------------------------------------------------------------- entry point
 
-def validate(dataset_dir: str | Path, report_dir: str | Path, params: dict[str, Any]) -> ValidationResult:
+def validate(dataset_dir: str | Path, report_dir: str | Path, config: ValidateConfig) -> ValidationResult:
     """Validate a canonical dataset folder; write ``validation.json``, ``validation.html`` and
     ``data_docs/`` under ``report_dir``; raise :class:`ValidationFailed` if a critical check failed."""
     dataset_dir, report_dir = Path(dataset_dir), Path(report_dir).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
-    severities = _severities(params)
+    severities = _severities(config)
 
     manifest, clips = _read_manifest_rows(dataset_dir)
     log.info("validate: %d manifest rows (%d parseable) in %s", len(manifest), len(clips), dataset_dir)
-    audio = audio_stats_table(clips, dataset_dir if dataset_dir.is_dir() else dataset_dir.parent, params)
-    captions = _add_language_flags(_caption_rows(clips), params, run="training_language" in severities)
-    tables = {"manifest": manifest, "audio": audio, "captions": captions, "splits": _split_rows(manifest, params)}
+    audio = audio_stats_table(clips, dataset_dir if dataset_dir.is_dir() else dataset_dir.parent,
+                              config.audio.sample_rate, config.audio.max_file_bytes, config.validate_.clip_level)
+    captions = _add_language_flags(_caption_rows(clips), config, run="training_language" in severities)
+    tables = {"manifest": manifest, "audio": audio, "captions": captions, "splits": _split_rows(manifest, config)}
 
     data_docs_dir = report_dir / DATA_DOCS_DIR
-    results, index = _run_suites(tables, params, severities, data_docs_dir)
+    results, index = _run_suites(tables, config, severities, data_docs_dir)
     outcomes = _fold(results, severities)
     success = all(e.success for e in outcomes if e.severity == CRITICAL)
     result = ValidationResult(success=success, expectations=outcomes, json_path=report_dir / JSON_NAME,
@@ -530,8 +522,7 @@ def validate(dataset_dir: str | Path, report_dir: str | Path, params: dict[str, 
         "failed_critical": [e.name for e in result.failed(CRITICAL)],
         "failed_warning": [e.name for e in result.failed(WARNING)],
         "data_docs_index": Path(os.path.relpath(index, report_dir)).as_posix(),
-        "params": {"validate": params["validate"], "audio": params["audio"], "split": split_fractions(params),
-                   "training_language": params["ingest"]["training_language"]},
+        "params": config.model_dump(by_alias=True),
         "expectations": [e.to_json() for e in outcomes],
     }
     result.json_path.write_text(json.dumps(_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n",

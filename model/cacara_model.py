@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import nn
 from model.audio_encoders import AudioEncoder, build_audio_encoder
 from model.text_centering import TextCentroids, texts_by_language
 from model.weights_cache import safetensors_metadata
+
+if TYPE_CHECKING:
+    from cacara.config import ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +87,23 @@ def _head(kind: str, in_dim: int, out_dim: int, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown head {kind!r}")
 
 
-def build_model(params: dict[str, Any], text_encoder: str, text_cache) -> CacaraModel:
+def build_model(settings: "ModelSection", seed: int, text_encoder: str, text_cache) -> CacaraModel:
     """The untrained model for ``text_encoder``: pretrained audio encoder + initialised projection.
 
     ``text_cache`` (a TextEmbeddingCache filled by embed_text) supplies the class-name vectors, so
-    building a model never runs the text tower.
+    building a model never runs the text tower. ``seed`` fixes the random parts (a linear head).
     """
-    m = params["model"]
-    encoder = build_audio_encoder(m["audio_encoder"])
-    torch.manual_seed(int(params["train"]["seed"]))
+    m = settings
+    encoder = build_audio_encoder(m.audio_encoder)
+    torch.manual_seed(seed)
     classifier = encoder.classifier_layer()  # the pretrained classifier, e.g. YAMNet's AudioSet one
-    use_classes = m["init"] == "text_centric" and encoder.has_class_logits and classifier is not None
-    if m["init"] == "text_centric" and not use_classes:
+    use_classes = m.init == "text_centric" and encoder.has_class_logits and classifier is not None
+    if m.init == "text_centric" and not use_classes:
         log.warning("%s has no classifier: falling back to a random linear projection", encoder.name)
     if use_classes:
-        prompts = [m["class_prompt"].format(n) for n in encoder.class_names]
+        prompts = [m.class_prompt.format(n) for n in encoder.class_names]
         vectors = torch.from_numpy(np.asarray(text_cache.get(prompts), dtype=np.float32))
-        if m["center_class_vectors"]:
+        if m.center_class_vectors:
             # The towers are anisotropic (e5: unrelated texts at cosine 0.77): the shared direction
             # would dominate every weighted sum and drown the differences between clips.
             vectors = vectors - vectors.mean(dim=0, keepdim=True)
@@ -112,18 +115,17 @@ def build_model(params: dict[str, Any], text_encoder: str, text_cache) -> Cacara
     else:
         head = LinearHead(encoder.dim, text_cache.dim)
         kind, num_classes = "linear", 0
-    config = {"format_version": FORMAT_VERSION, "audio_encoder": m["audio_encoder"], "text_encoder": text_encoder,
+    config = {"format_version": FORMAT_VERSION, "audio_encoder": m.audio_encoder, "text_encoder": text_encoder,
               "head": kind, "in_dim": encoder.dim, "out_dim": int(text_cache.dim), "num_classes": num_classes,
               "sample_rate": int(encoder.sample_rate)}
     return CacaraModel(encoder, head, config)
 
 
-def text_centroids_for(params: dict[str, Any], clips, text_cache) -> TextCentroids:
+def text_centroids_for(settings: "ModelSection", clips, text_cache) -> TextCentroids:
     """The query centring ``model.text_centering`` asks for, estimated from the unpaired caption text
     of ``model.centroid_splits`` (never the test split: its queries must not shape their own centring)."""
-    m = params["model"]
-    return TextCentroids.compute(m["text_centering"], texts_by_language(clips, m["centroid_splits"]), text_cache,
-                                 int(m["centroid_min_texts"]))
+    return TextCentroids.compute(settings.text_centering, texts_by_language(clips, settings.centroid_splits),
+                                 text_cache, settings.centroid_min_texts)
 
 
 def set_trainable(model: CacaraModel, mode: str, last_blocks: int, class_vectors: bool = True
@@ -155,9 +157,11 @@ def set_trainable(model: CacaraModel, mode: str, last_blocks: int, class_vectors
     return head, backbone
 
 
-def save_model(model: CacaraModel, out_dir: str | Path, params: dict[str, Any], text_encoder: str,
+def save_model(model: CacaraModel, out_dir: str | Path, settings: dict[str, Any], text_encoder: str,
                extra: dict[str, Any] | None = None) -> Path:
     """safetensors weights (no pickle: safe to load from anywhere) + config.json with their sha256.
+
+    ``settings`` (the training step's config) is recorded as the model's provenance.
 
     An ONNX export already in ``out_dir`` belongs to other weights and is removed;
     ``model.inference.attach_onnx_export`` writes the new one when the folder is published.
@@ -177,7 +181,7 @@ def save_model(model: CacaraModel, out_dir: str | Path, params: dict[str, Any], 
     config = dict({k: v for k, v in model.config.items() if k != ONNX_SHA_KEY}, text_encoder=text_encoder,
                   sha256=hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest(),
                   text_centroids_sha256=centroids_sha,
-                  params={k: params[k] for k in ("model", "train", "audio") if k in params}, **(extra or {}))
+                  params=settings, **(extra or {}))
     (out / CONFIG).write_text(json.dumps(config, indent=1, default=float))
     return out
 

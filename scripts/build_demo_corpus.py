@@ -469,10 +469,11 @@ def build_source(cache_dir: Path, out_dir: Path) -> Path:
 def write_dataset(source_dir: Path, dataset_dir: Path) -> None:
     """Ingest the source into the canonical layout and put the licence and provenance beside the data."""
     sys.path.insert(0, str(REPO_ROOT))
+    from cacara.config import IngestConfig
     from cacara.params import load_params
     from components.ingest import ingest
 
-    result = ingest(source_dir, dataset_dir, load_params())
+    result = ingest(source_dir, dataset_dir, IngestConfig.from_params(load_params()), previous=dataset_dir)
     print(result.summary())
     shutil.copyfile(source_dir / "COPYRIGHT.debian", dataset_dir / "COPYRIGHT.debian")
     shutil.copyfile(REPO_ROOT / "scripts" / "DEMO_CORPUS.md", dataset_dir / "README.md")

@@ -74,6 +74,7 @@ def tiny_corpus(tmp_path_factory) -> tuple[Path, Path, dict]:
 
     use-multilingual is the text tower here because it loads in well under a second.
     """
+    from cacara.config import EmbedTextConfig
     from cacara.params import load_params
     from components.embed_text import embed_text
 
@@ -83,5 +84,5 @@ def tiny_corpus(tmp_path_factory) -> tuple[Path, Path, dict]:
                                     "train.batch_size": 4, "train.warmup_epochs": 1,
                                     "evaluate.english_only_text_encoder": "minilm-en",
                                     "evaluate.chance_draws": 2, "evaluate.min_captions": 1})
-    embed_text(dataset, root / "text_emb", params)
+    embed_text(dataset, root / "text_emb", EmbedTextConfig.from_params(params))
     return dataset, root / "text_emb", params

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from cacara.manifest import read_manifest
-from components.evaluate import SYSTEMS, evaluate
+from cacara.config import EmbedTextConfig, EvaluateConfig, TrainConfig
+from components.evaluate import ENGLISH_ONLY, TRAINED, evaluate
 from components.train import train
 from model.cacara_model import load_model
 from model.text_encoders import build_text_encoder
@@ -27,21 +28,25 @@ def trained(tiny_corpus, tmp_path_factory):
     dataset, text_emb, params = tiny_corpus
     root = tmp_path_factory.mktemp("runs")
     p = {**params, "train": {**params["train"], "epochs": 1}}
-    train(dataset, text_emb, root / "multi", p)
-    train(dataset, text_emb, root / "en", p, text_encoder="minilm-en")
+    train(dataset, text_emb, root / "multi", TrainConfig.from_params(p))
+    train(dataset, text_emb, root / "en", TrainConfig.from_params(p), text_encoder="minilm-en")
     return root / "multi" / "model", root / "en" / "model"
 
 
 def test_evaluate_reports_every_system_and_language(tiny_corpus, trained, tmp_path):
     dataset, text_emb, params = tiny_corpus
-    result = evaluate(dataset, text_emb, trained[0], trained[1], tmp_path / "ev", params)
+    config = EvaluateConfig.from_params(params)
+    result = evaluate(dataset, text_emb, {TRAINED: trained[0], ENGLISH_ONLY: trained[1]}, tmp_path / "ev", config,
+                      contrast=ENGLISH_ONLY)
     languages = {"en", "fr", "de", "es"}
-    assert {(r["system"], r["language"]) for r in result.rows} == {(s, l) for s in SYSTEMS for l in languages}
+    systems = ["chance", "untrained", TRAINED, ENGLISH_ONLY]
+    assert result.systems == systems
+    assert {(r["system"], r["language"]) for r in result.rows} == {(s, l) for s in systems for l in languages}
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert set(SYSTEMS) <= set(metrics) and metrics["trained"]["en"]["t2a_R@1"] >= 0
+    assert set(systems) <= set(metrics) and metrics["trained"]["en"]["t2a_R@1"] >= 0
     with open(tmp_path / "ev" / "per_language.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(SYSTEMS) * len(languages)
+    assert len(rows) == len(systems) * len(languages)
     assert (tmp_path / "ev" / "r1_per_language.png").read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "ev" / "paired_bootstrap.csv", encoding="utf-8") as fh:
         boot = list(csv.DictReader(fh))
@@ -137,7 +142,8 @@ def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path, 
     emb_dir = tmp_path / "text_emb"
     shutil.copytree(text_emb, emb_dir)
     p = {**params, "model": {**params["model"], "text_encoder": name}, "train": {**params["train"], "epochs": 1}}
-    counts = embed_text(dataset, emb_dir, p).counts
+    config = EmbedTextConfig.from_params(p)
+    counts = embed_text(dataset, emb_dir, config, cache=emb_dir).counts
     assert counts["use-multilingual"][1] == counts["minilm-en"][1] == 0, "the towers' caches are reused"
     assert counts[name] == (counts["use-multilingual"][0], 0), "assembled from the caches, nothing embedded"
     # A rerun with everything cached loads no tower at all (e5 alone takes seconds to load).
@@ -151,11 +157,11 @@ def test_composite_tower_trains_and_queries_in_one_space(tiny_corpus, tmp_path, 
     stale = TextEmbeddingCache(emb_dir, name)
     stale._emb = -stale._emb  # rows an older composite rule wrote: a rerun must not keep them
     stale.save()
-    assert all(new == 0 for _, new in embed_text(dataset, emb_dir, p).counts.values())
+    assert all(new == 0 for _, new in embed_text(dataset, emb_dir, config, cache=emb_dir).counts.values())
     monkeypatch.undo()
     texts = [c for clip in read_manifest(dataset) for caps in clip.captions.values() for c in caps]
     np.testing.assert_array_equal(TextEmbeddingCache(emb_dir, name).get(texts), first.get(texts))
-    train(dataset, emb_dir, tmp_path / "m", p)
+    train(dataset, emb_dir, tmp_path / "m", TrainConfig.from_params(p))
     model = load_model(tmp_path / "m" / "model")
     assert model.config["text_encoder"] == name
     clip = read_manifest(dataset)[0]
@@ -177,10 +183,11 @@ def test_per_language_plot_does_not_depend_on_the_hash_seed(tmp_path):
     """Tied languages once kept a set's order, which changes with PYTHONHASHSEED: every `dvc repro`
     then drew a different PNG and dvc.lock changed with nothing else changed."""
     script = (
-        "import sys; from pathlib import Path; from components.evaluate import SYSTEMS, _plot\n"
-        "rows = [{'system': s, 'language': l, 't2a_R@1': v} for s in SYSTEMS\n"
+        "import sys; from pathlib import Path; from components.evaluate import _plot\n"
+        "systems = ['chance', 'untrained', 'trained', 'trained_english_only']\n"
+        "rows = [{'system': s, 'language': l, 't2a_R@1': v, 'n_texts': 10} for s in systems\n"
         "        for l, v in zip(['de', 'fr', 'es', 'it', 'ja', 'ko'], [20.0, 10.0, 20.0, 10.0, 20.0, 5.0])]\n"
-        "_plot(rows, Path(sys.argv[1]), 't2a_R@1')\n")
+        "_plot(rows, systems, Path(sys.argv[1]), 't2a_R@1', 10)\n")
     pngs = []
     for seed in ("1", "2", "3"):
         out = tmp_path / f"plot{seed}.png"
@@ -189,3 +196,29 @@ def test_per_language_plot_does_not_depend_on_the_hash_seed(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         pngs.append(out.read_bytes())
     assert pngs[0][:4] == b"\x89PNG" and pngs[0] == pngs[1] == pngs[2]
+
+
+def test_evaluate_scores_any_number_of_named_models_without_a_contrast(tiny_corpus, trained, tmp_path):
+    """A production run trains one model: evaluate then has no contrast checks, and takes other names."""
+    dataset, text_emb, params = tiny_corpus
+    config = EvaluateConfig.from_params(params)
+    result = evaluate(dataset, text_emb, {"candidate": trained[0]}, tmp_path / "one", config)
+    assert result.systems == ["chance", "untrained", "candidate"]
+    checks = json.loads((tmp_path / "one" / "metrics.json").read_text())["checks"]
+    assert checks["model_under_test"] == "candidate" and "english_only_contrast" not in checks
+    assert not (tmp_path / "one" / "paired_bootstrap.csv").exists()
+    with pytest.raises(ValueError, match="contrast 'nope'"):
+        evaluate(dataset, text_emb, {"candidate": trained[0]}, tmp_path / "x", config, contrast="nope")
+    with pytest.raises(ValueError, match="unique and not"):
+        evaluate(dataset, text_emb, {"untrained": trained[0]}, tmp_path / "x", config)
+
+
+def test_per_language_plot_leaves_out_languages_with_few_captions(tmp_path):
+    """Two languages with one test caption each once topped the chart at 100 %."""
+    from components.evaluate import _plot
+
+    systems = ["chance", "untrained", "trained"]
+    rows = [{"system": s, "language": lang, "t2a_R@1": v, "n_texts": n} for s in systems
+            for lang, v, n in (("de", 30.0, 29), ("xx", 100.0, 1), ("fr", 20.0, 29))]
+    assert _plot(rows, systems, tmp_path / "p.png", "t2a_R@1", 10) == ["de", "fr"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

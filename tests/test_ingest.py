@@ -11,8 +11,14 @@ import pytest
 import soundfile as sf
 
 from cacara.manifest import read_manifest
-from components.ingest import IngestFailed, ingest
+from cacara.config import IngestConfig
+from components.ingest import IngestFailed, ingest, merge_shards
 from tests.conftest import write_tone
+
+
+def run(source, out, params, **kwargs):
+    """``ingest`` as ``dvc repro`` calls it: the output folder handed back as the previous dataset."""
+    return ingest(source, out, IngestConfig.from_params(params), previous=out, **kwargs)
 
 
 def _row(clip_id: str, audio: str, en: str = "A dog barks.", **caps) -> str:
@@ -66,7 +72,7 @@ EXPECTED_REASONS = {
 
 def test_each_bad_row_is_quarantined_with_its_reason(messy_source, tmp_path, params):
     params["ingest"]["max_bad_fraction"] = 0.9
-    result = ingest(messy_source, tmp_path / "out", params)
+    result = run(messy_source, tmp_path / "out", params)
     kept = {c.clip_id: c for c in read_manifest(tmp_path / "out")}
     assert set(kept) == {"good16", "good8k", "stereo48k", "vorbis", "dup"}
     by_id = {q.clip_id: q.reason for q in result.quarantined if q.clip_id}
@@ -74,6 +80,9 @@ def test_each_bad_row_is_quarantined_with_its_reason(messy_source, tmp_path, par
         assert by_id[clip_id] == reason, (clip_id, by_id.get(clip_id))
     reasons = [q.reason for q in result.quarantined]
     assert reasons.count("malformed_row") == 1 and reasons.count("invalid_utf8") == 1
+    details = {q.clip_id: q.detail for q in result.quarantined if q.clip_id}
+    for clip_id in ("corrupt", "zero", "silence", "long", "short"):
+        assert f"{clip_id}.wav" in details[clip_id] and "0x" not in details[clip_id], details[clip_id]
     report = json.loads((tmp_path / "out" / "quarantine.json").read_text())
     assert report["kept"] == 5 and len(report["quarantined"]) == len(result.quarantined) == 10
     assert report["dropped_captions"] == [{"clip_id": "nocaption", "language": "en", "index": 0}]
@@ -81,7 +90,7 @@ def test_each_bad_row_is_quarantined_with_its_reason(messy_source, tmp_path, par
 
 def test_good_rows_are_resampled_to_16k_mono_and_keep_their_origin(messy_source, tmp_path, params):
     params["ingest"]["max_bad_fraction"] = 0.9
-    ingest(messy_source, tmp_path / "out", params)
+    run(messy_source, tmp_path / "out", params)
     kept = {c.clip_id: c for c in read_manifest(tmp_path / "out")}
     assert (kept["good8k"].orig_sample_rate, kept["good8k"].orig_channels) == (8000, 1)
     assert (kept["stereo48k"].orig_sample_rate, kept["stereo48k"].orig_channels) == (48000, 2)
@@ -97,29 +106,29 @@ def test_good_rows_are_resampled_to_16k_mono_and_keep_their_origin(messy_source,
 def test_too_many_bad_rows_fail_the_run_after_writing_the_report(messy_source, tmp_path, params):
     params["ingest"]["max_bad_fraction"] = 0.25
     with pytest.raises(IngestFailed, match="max_bad_fraction"):
-        ingest(messy_source, tmp_path / "out", params)
+        run(messy_source, tmp_path / "out", params)
     assert (tmp_path / "out" / "quarantine.json").exists()
     assert len(read_manifest(tmp_path / "out")) == 5
 
 
 def test_rerun_is_idempotent_and_reuses_unchanged_clips(messy_source, tmp_path, params):
     params["ingest"]["max_bad_fraction"] = 0.9
-    first = ingest(messy_source, tmp_path / "out", params)
+    first = run(messy_source, tmp_path / "out", params)
     before = (tmp_path / "out" / "manifest.jsonl").read_bytes()
-    second = ingest(messy_source, tmp_path / "out", params)
+    second = run(messy_source, tmp_path / "out", params)
     assert first.reused == 0 and second.reused == len(second.clips) == 5
     assert (tmp_path / "out" / "manifest.jsonl").read_bytes() == before
     # Changing the audio settings invalidates the cache.
     params["ingest"]["audio_format"] = "wav"
-    third = ingest(messy_source, tmp_path / "out", params)
+    third = run(messy_source, tmp_path / "out", params)
     assert third.reused == 0
     assert sorted(p.suffix for p in (tmp_path / "out" / "audio").iterdir()) == [".wav"] * 5
 
 
 def test_splits_are_deterministic_and_follow_the_seed(messy_source, tmp_path, params):
     params["ingest"]["max_bad_fraction"] = 0.9
-    a = {c.clip_id: c.split for c in ingest(messy_source, tmp_path / "a", params).clips}
-    b = {c.clip_id: c.split for c in ingest(messy_source, tmp_path / "b", params).clips}
+    a = {c.clip_id: c.split for c in run(messy_source, tmp_path / "a", params).clips}
+    b = {c.clip_id: c.split for c in run(messy_source, tmp_path / "b", params).clips}
     assert a == b
 
 
@@ -130,7 +139,7 @@ def test_clotho_csv_with_audio_beside_it(tmp_path, params):
     rows = ["file_name,caption_1,caption_2,caption_3,caption_4,caption_5"]
     rows += [f'clip {i}.wav,"a, b {i}",c{i},d{i},e{i},f{i}' for i in range(3)]
     (src / "captions.csv").write_text("\n".join(rows) + "\n")
-    result = ingest(src, tmp_path / "out", params)
+    result = run(src, tmp_path / "out", params)
     assert result.format == "clotho" and not result.quarantined
     clip = {c.clip_id: c for c in result.clips}["clip 1.wav"]
     assert clip.captions == {"en": ["a, b 1", "c1", "d1", "e1", "f1"]}
@@ -143,7 +152,7 @@ def test_clotho_layout_with_split_folder(tmp_path, params):
     write_tone(src / "development" / "a b.wav", 1.0, 44100)
     (src / "clotho_captions_development.csv").write_text(
         "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\na b.wav,one,two,three,four,five\n")
-    result = ingest(src / "clotho_captions_development.csv", tmp_path / "out", params)
+    result = run(src / "clotho_captions_development.csv", tmp_path / "out", params)
     assert [c.clip_id for c in result.clips] == ["a b.wav"] and not result.quarantined
 
 
@@ -155,7 +164,7 @@ def test_audiocaps_csv_groups_captions_per_clip(tmp_path, params):
             "3,yt2,0,Birds chirp.", "4,yt3,10,No audio for this one."]
     (src / "test.csv").write_text("\n".join(rows) + "\n")
     params["ingest"]["max_bad_fraction"] = 0.5
-    result = ingest(src, tmp_path / "out", params)
+    result = run(src, tmp_path / "out", params)
     assert result.format == "audiocaps"
     kept = {c.clip_id: c for c in result.clips}
     assert kept["yt1_30"].captions == {"en": ["A car passes.", "An engine hums."]}
@@ -167,7 +176,7 @@ def test_csv_manifest_with_language_columns(tmp_path, params):
     src = tmp_path / "csv"
     write_tone(src / "a.wav", 1.0)
     (src / "manifest.csv").write_text("clip_id,audio,caption,caption_fr,caption_pt_BR\na,a.wav,A bell.,Une cloche.,Um sino.\n")
-    result = ingest(src, tmp_path / "out", params)
+    result = run(src, tmp_path / "out", params)
     assert result.format == "manifest"
     assert result.clips[0].captions == {"en": ["A bell."], "fr": ["Une cloche."], "pt-BR": ["Um sino."]}
 
@@ -178,7 +187,7 @@ def test_fsspec_url_source(tmp_path, params):
     local = write_tone(tmp_path / "x.wav", 1.0, 22050)
     fs.pipe("/bucket/ds/audio/x.wav", local.read_bytes())
     fs.pipe("/bucket/ds/manifest.jsonl", (_row("x", "audio/x.wav") + "\n").encode())
-    result = ingest("memory://bucket/ds", tmp_path / "out", params)
+    result = run("memory://bucket/ds", tmp_path / "out", params)
     assert [c.clip_id for c in result.clips] == ["x"] and result.clips[0].orig_sample_rate == 22050
 
 
@@ -189,6 +198,43 @@ def test_oversized_file_is_quarantined_without_decoding(tmp_path, params):
     (src / "manifest.jsonl").write_text(_row("big", "big.wav") + "\n" + _row("ok", "ok.wav") + "\n")
     params["audio"]["max_file_bytes"] = 60000
     params["ingest"]["max_bad_fraction"] = 0.5
-    result = ingest(src, tmp_path / "out", params)
+    result = run(src, tmp_path / "out", params)
     assert [(q.clip_id, q.reason) for q in result.quarantined] == [("big", "too_large")]
     assert [c.clip_id for c in result.clips] == ["ok"]
+
+
+def test_shards_merge_into_the_dataset_one_shard_writes(messy_source, tmp_path, params):
+    """Large sources fan out over shards (by clip id, so duplicate rows meet in one shard); the merged
+    dataset is byte for byte the single-shard one, and the bad-fraction gate sees every row."""
+    params["ingest"]["max_bad_fraction"] = 0.9
+    config = IngestConfig.from_params(params)
+    whole = ingest(messy_source, tmp_path / "whole", config)
+    parts = [ingest(messy_source, tmp_path / f"shard{i}", config, shard=i, num_shards=3) for i in range(3)]
+    assert sum(len(p.clips) for p in parts) == len(whole.clips) and all(p.total_rows for p in parts)
+    merged = merge_shards([tmp_path / f"shard{i}" for i in range(3)], tmp_path / "merged", config)
+    for name in ("manifest.jsonl", "quarantine.json"):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "merged" / "audio").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "whole" / "audio").iterdir())
+    assert merged.bad_fraction == whole.bad_fraction
+    strict = IngestConfig.from_params({**params, "ingest": {**params["ingest"], "max_bad_fraction": 0.25}})
+    for i in range(3):  # no shard gates on its own ...
+        ingest(messy_source, tmp_path / f"s{i}", strict, shard=i, num_shards=3)
+    with pytest.raises(IngestFailed, match="max_bad_fraction"):  # ... the merge gates on all rows
+        merge_shards([tmp_path / f"s{i}" for i in range(3)], tmp_path / "m2", strict)
+    with pytest.raises(ValueError, match="shard 3 is not in 0..2"):
+        ingest(messy_source, tmp_path / "x", config, shard=3, num_shards=3)
+
+
+def test_previous_dataset_is_an_input_and_the_output_is_never_read(messy_source, tmp_path, params):
+    """kfp gives every task a fresh output folder: reuse comes from ``previous`` only."""
+    params["ingest"]["max_bad_fraction"] = 0.9
+    config = IngestConfig.from_params(params)
+    ingest(messy_source, tmp_path / "first", config)
+    again = ingest(messy_source, tmp_path / "second", config, previous=tmp_path / "first")
+    assert again.reused == len(again.clips) == 5
+    assert (tmp_path / "second" / "manifest.jsonl").read_bytes() == (tmp_path / "first" / "manifest.jsonl").read_bytes()
+    for clip in again.clips:
+        assert (tmp_path / "second" / clip.audio_path).read_bytes() == (tmp_path / "first" / clip.audio_path).read_bytes()
+    fresh = ingest(messy_source, tmp_path / "first", config)  # no previous: the old output is not reused
+    assert fresh.reused == 0

@@ -13,9 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cacara.config import TrainConfig
 from components.train import train
 from model.cacara_model import load_model
 from tests.conftest import REPO
+
+
+def run(dataset, text_emb, out, params, resume: bool = True, **kwargs):
+    """``train`` as ``dvc repro`` calls it: the run's own checkpoints folder handed back as resume_from."""
+    resume_from = Path(out) / "checkpoints" if resume else None
+    return train(dataset, text_emb, out, TrainConfig.from_params(params), resume_from=resume_from, **kwargs)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -24,7 +31,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_train_writes_model_history_and_checkpoint(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
-    result = train(dataset, text_emb, tmp_path / "run", params)
+    result = run(dataset, text_emb, tmp_path / "run", params)
     assert result.epochs_run == 3 and [h["epoch"] for h in result.history] == [0, 1, 2, 3]
     assert all(h["train_loss"] > 0 for h in result.history[1:])
     model = load_model(tmp_path / "run" / "model")
@@ -41,11 +48,12 @@ def test_train_writes_model_history_and_checkpoint(tiny_corpus, tmp_path):
 def test_training_moves_the_weights_it_should_and_only_those(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
     p = {**params, "train": {**params["train"], "trainable": "projection", "epochs": 1}}
-    train(dataset, text_emb, tmp_path / "run", p)
+    run(dataset, text_emb, tmp_path / "run", p)
     from model.cacara_model import build_model
     from model.text_cache import TextEmbeddingCache
 
-    init = build_model(p, "use-multilingual", TextEmbeddingCache(text_emb, "use-multilingual")).state_dict()
+    init = build_model(TrainConfig.from_params(p).model, p["train"]["seed"], "use-multilingual",
+                       TextEmbeddingCache(text_emb, "use-multilingual")).state_dict()
     after = {k[len("model."):]: v for k, v in _weights(tmp_path / "run").items() if k.startswith("model.")}
     changed = {k for k in init if not torch.equal(init[k], after[k])}
     assert changed and all(k.startswith("head.") for k in changed)
@@ -57,10 +65,10 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_corpus, tmp_path,
     dataset, text_emb, params = tiny_corpus
     if augment:
         params = {**params, "train": {**params["train"], "augment_gain_db": 6.0, "augment_shift_s": 0.3}}
-    straight = train(dataset, text_emb, tmp_path / "straight", params)
-    first = train(dataset, text_emb, tmp_path / "resumed", params, max_epochs_this_run=1)
+    straight = run(dataset, text_emb, tmp_path / "straight", params)
+    first = run(dataset, text_emb, tmp_path / "resumed", params, max_epochs_this_run=1)
     assert first.epochs_run == 1
-    second = train(dataset, text_emb, tmp_path / "resumed", params)
+    second = run(dataset, text_emb, tmp_path / "resumed", params)
     assert second.resumed_from == 1 and second.epochs_run == 2
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -68,11 +76,28 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_corpus, tmp_path,
     assert [h["val_score"] for h in straight.history] == [h["val_score"] for h in second.history]
 
 
+def test_resume_from_another_folder_continues_there(tiny_corpus, tmp_path):
+    """A kfp task writes fresh output folders: the interrupted run's checkpoints come in as an input,
+    and the new folder ends with the weights and history of an uninterrupted run."""
+    dataset, text_emb, params = tiny_corpus
+    straight = run(dataset, text_emb, tmp_path / "straight", params)
+    run(dataset, text_emb, tmp_path / "first", params, max_epochs_this_run=1)
+    config = TrainConfig.from_params(params)
+    second = train(dataset, text_emb, tmp_path / "second", config, resume_from=tmp_path / "first" / "checkpoints")
+    assert second.resumed_from == 1
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "second")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["val_score"] for h in straight.history] == [h["val_score"] for h in second.history]
+    assert load_model(tmp_path / "second" / "model").config["text_encoder"] == "use-multilingual"
+    fresh = train(dataset, text_emb, tmp_path / "first", config, max_epochs_this_run=1)
+    assert fresh.resumed_from is None, "without resume_from the output folder is not read back"
+
+
 def test_changed_settings_start_afresh_instead_of_resuming(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
-    train(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)
+    run(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)
     other = {**params, "train": {**params["train"], "lr_head": 0.0005}}
-    assert train(dataset, text_emb, tmp_path / "run", other, max_epochs_this_run=1).resumed_from is None
+    assert run(dataset, text_emb, tmp_path / "run", other, max_epochs_this_run=1).resumed_from is None
 
 
 def test_changed_caption_rows_start_afresh_under_unchanged_settings(tiny_corpus, tmp_path):
@@ -87,37 +112,37 @@ def test_changed_caption_rows_start_afresh_under_unchanged_settings(tiny_corpus,
     dataset, text_emb, params = tiny_corpus
     emb = tmp_path / "text_emb"
     shutil.copytree(text_emb, emb)
-    train(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1)
-    assert train(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1).resumed_from == 1
+    run(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1)
+    assert run(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1).resumed_from == 1
     cache = TextEmbeddingCache(emb, params["model"]["text_encoder"])
     cache._emb = np.roll(cache._emb, 1, axis=1)  # every row changed, still unit length
     cache.save()
-    assert train(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1).resumed_from is None
+    assert run(dataset, emb, tmp_path / "run", params, max_epochs_this_run=1).resumed_from is None
 
 
 def test_corrupt_checkpoint_is_refused(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
-    train(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)
+    run(dataset, text_emb, tmp_path / "run", params, max_epochs_this_run=1)
     ckpt = tmp_path / "run" / "checkpoints" / "last.safetensors"
     data = bytearray(ckpt.read_bytes())
     data[-10] ^= 0xFF
     ckpt.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="corrupt"):
-        train(dataset, text_emb, tmp_path / "run", params)
+        run(dataset, text_emb, tmp_path / "run", params)
 
 
 def test_negative_augmentation_range_fails_before_training(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
     bad = {**params, "train": {**params["train"], "augment_gain_db": -3.0}}
-    with pytest.raises(ValueError, match="augmentation ranges must be >= 0"):
-        train(dataset, text_emb, tmp_path / "run", bad)
+    with pytest.raises(ValueError, match="train.augment_gain_db: Input should be greater than or equal to 0"):
+        run(dataset, text_emb, tmp_path / "run", bad)
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_caption_embeddings_fail_before_training(tiny_corpus, tmp_path):
     dataset, _, params = tiny_corpus
     with pytest.raises(KeyError, match="embed"):
-        train(dataset, tmp_path / "empty_cache", tmp_path / "run", params)
+        run(dataset, tmp_path / "empty_cache", tmp_path / "run", params)
 
 
 @pytest.mark.slow
@@ -141,10 +166,10 @@ def test_rerun_of_a_finished_run_republishes_its_outputs(tiny_corpus, tmp_path):
     import shutil
 
     dataset, text_emb, params = tiny_corpus
-    first = train(dataset, text_emb, tmp_path / "run", params)
+    first = run(dataset, text_emb, tmp_path / "run", params)
     shutil.rmtree(tmp_path / "run" / "model")
     (tmp_path / "run" / "history.csv").unlink()
-    again = train(dataset, text_emb, tmp_path / "run", params)
+    again = run(dataset, text_emb, tmp_path / "run", params)
     assert again.epochs_run == 0 and again.best_epoch == first.best_epoch
     assert load_model(tmp_path / "run" / "model") is not None
     assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 1 + len(first.history)
@@ -155,11 +180,12 @@ def test_init_anchor_keeps_the_head_near_its_initialisation(tiny_corpus, tmp_pat
 
     def drift(anchor: float) -> float:
         p = {**params, "train": {**params["train"], "trainable": "projection", "epochs": 2, "init_anchor": anchor}}
-        train(dataset, text_emb, tmp_path / f"a{anchor}", p)
+        run(dataset, text_emb, tmp_path / f"a{anchor}", p)
         from model.cacara_model import build_model
         from model.text_cache import TextEmbeddingCache
 
-        init = build_model(p, "use-multilingual", TextEmbeddingCache(text_emb, "use-multilingual")).state_dict()
+        init = build_model(TrainConfig.from_params(p).model, p["train"]["seed"], "use-multilingual",
+                           TextEmbeddingCache(text_emb, "use-multilingual")).state_dict()
         after = _weights(tmp_path / f"a{anchor}")
         return sum(float(((after[f"model.{k}"] - v) ** 2).sum()) for k, v in init.items() if k.startswith("head."))
 
@@ -178,7 +204,7 @@ def test_unreadable_training_audio_names_the_clip(tiny_corpus, tmp_path):
     victim = next(c for c in read_manifest(broken) if c.split == "train")
     (broken / victim.audio_path).write_bytes(b"not audio" * 50)
     with pytest.raises(AudioError, match=victim.clip_id):
-        train(broken, text_emb, tmp_path / "run", params)
+        run(broken, text_emb, tmp_path / "run", params)
 
 
 def test_bf16_autocast_path_trains_on_cpu(tiny_corpus, tmp_path):
@@ -189,10 +215,11 @@ def test_bf16_autocast_path_trains_on_cpu(tiny_corpus, tmp_path):
     dataset, text_emb, params = tiny_corpus
     cpu = torch.device("cpu")
     for precision, expect in [("fp32", False), ("auto", False), ("bf16", True)]:
-        with _autocast({"train": {"precision": precision}}, cpu):
+        settings = TrainConfig.from_params({**params, "train": {**params["train"], "precision": precision}}).train
+        with _autocast(settings, cpu):
             assert torch.is_autocast_enabled("cpu") is expect
     p = {**params, "train": {**params["train"], "precision": "bf16", "epochs": 2}}
-    result = train(dataset, text_emb, tmp_path / "run", p)
+    result = run(dataset, text_emb, tmp_path / "run", p)
     assert all(0 < h["train_loss"] < float("inf") for h in result.history[1:])
     weights = _weights(tmp_path / "run")
     assert all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())

@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 
 from cacara.manifest import MANIFEST_NAME, Clip
+from cacara.config import ValidateConfig
 from cacara.params import load_params
 from components.validate import (CHECKS, ValidationFailed, ValidationResult, judge_caption_languages,
                                  validate)
@@ -75,7 +76,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, name: str, splits: list[str] =
     dataset = make_dataset(root / "dataset", splits, edit)
     reports = root / "reports"
     try:
-        return validate(dataset, reports, load_params()), None, reports
+        return validate(dataset, reports, ValidateConfig.from_params(load_params())), None, reports
     except ValidationFailed as exc:
         assert exc.result is not None
         return exc.result, exc, reports
@@ -196,15 +197,16 @@ def test_skewed_split_fails(tmp_path_factory):
 
 def test_language_rule_directly():
     params = load_params()
-    verdicts = judge_caption_languages(["A cow.", GERMAN_LONG, "Birds chirping.", CAPTIONS[0]], "en", params)
+    verdicts = judge_caption_languages(["A cow.", GERMAN_LONG, "Birds chirping.", CAPTIONS[0]], "en",
+                                       ValidateConfig.from_params(params))
     assert [ok for ok, _ in verdicts] == [True, False, True, True]
     assert verdicts[1][1] == "de"
 
 
 def test_unknown_check_name_in_params_is_an_error(tmp_path):
     params = load_params(overrides={"validate.warning": ["rms_level", "clipping", "loudness"]})
-    with pytest.raises(ValueError, match="loudness"):
-        validate(make_dataset(tmp_path / "d", BALANCED[:3]), tmp_path / "r", params)
+    with pytest.raises(ValueError, match="validate.warning.2: Input should be 'schema'.*got 'loudness'"):
+        validate(make_dataset(tmp_path / "d", BALANCED[:3]), tmp_path / "r", ValidateConfig.from_params(params))
 
 
 def test_schema_names_every_bad_row(tmp_path):
@@ -220,7 +222,7 @@ def test_schema_names_every_bad_row(tmp_path):
     with (dataset / MANIFEST_NAME).open("a") as fh:
         fh.write("{not json\n")
     with pytest.raises(ValidationFailed) as info:
-        validate(dataset, tmp_path / "r", load_params())
+        validate(dataset, tmp_path / "r", ValidateConfig.from_params(load_params()))
     result = info.value.result
     assert set(result.get("schema").offending_ids) == {"17", "clip01", f"line {len(BALANCED) + 1}"}
     assert "colour" in str(info.value)

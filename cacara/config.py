@@ -1,0 +1,291 @@
+"""Typed settings: ``params.yaml`` as validated sections, and one config per pipeline step.
+
+Why typed configs per step: a step receives only the settings it reads, so a kfp component can expose
+exactly those as its parameters and a dvc stage can declare exactly those as its ``params:`` (a test
+checks both against :attr:`StepConfig.PARAMS`). Why pydantic: every knob gets a type and bounds, and a
+wrong value or an unknown key is refused before any work, in one line that names the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Mapping, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cacara.manifest import SPLITS
+
+CHECKS = ("schema", "unique_ids", "captions_present", "caption_length", "training_language", "sample_rate",
+          "duration", "audio_decodable", "split_fractions", "rms_level", "clipping")
+HEADLINE_METRICS = ("t2a_R@1", "t2a_R@5", "t2a_R@10", "t2a_mAP@10", "a2t_R@1", "a2t_R@5", "a2t_R@10", "a2t_mAP@10")
+FORMATS = ("auto", "canonical", "manifest", "clotho", "audiocaps")
+LANGUAGE_CODE = r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$"
+
+Split = Literal["train", "val", "test"]
+Check = Literal[CHECKS]  # type: ignore[valid-type]
+Metric = Literal[HEADLINE_METRICS]  # type: ignore[valid-type]
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used; the message names each offending key and what it accepts."""
+
+
+class Section(BaseModel):
+    """A group of params.yaml; unknown keys are errors (a typo must not silently keep a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(Section):
+    source: str = Field(min_length=1)
+    format: Literal[FORMATS]  # type: ignore[valid-type]
+    work_dir: str = Field(min_length=1)
+
+
+class AudioSection(Section):
+    sample_rate: int = Field(ge=8000, le=192000)
+    min_duration_s: float = Field(ge=0)
+    max_duration_s: float = Field(gt=0, le=3600)
+    max_file_bytes: int = Field(gt=0)
+    silence_rms_dbfs: float = Field(le=0)
+
+    @model_validator(mode="after")
+    def _durations(self) -> "AudioSection":
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError(f"min_duration_s ({self.min_duration_s}) must be below max_duration_s "
+                             f"({self.max_duration_s})")
+        return self
+
+
+class SplitSection(Section):
+    seed: int
+    train: float = Field(ge=0, le=1)
+    val: float = Field(ge=0, le=1)
+    test: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _positive(self) -> "SplitSection":
+        if self.train <= 0 or self.train + self.val + self.test <= 0:
+            raise ValueError("the train fraction must be positive")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        return {s: float(getattr(self, s)) for s in SPLITS}
+
+
+class IngestSection(Section):
+    max_bad_fraction: float = Field(ge=0, le=1)
+    training_language: str = Field(pattern=LANGUAGE_CODE)
+    audio_format: Literal["flac", "wav"]
+
+
+class ValidateSection(Section):
+    caption_min_chars: int = Field(ge=0)
+    caption_max_chars: int = Field(ge=1)
+    min_rms_dbfs: float = Field(le=0)
+    max_clipping_ratio: float = Field(ge=0, le=1)
+    clip_level: float = Field(gt=0, le=1)
+    split_tolerance: float = Field(ge=0, le=1)
+    language_min_words: int = Field(ge=1)
+    language_max_other_confidence: float = Field(ge=0, le=1)
+    critical: list[Check] = Field(default_factory=list)
+    warning: list[Check] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "ValidateSection":
+        both = sorted(set(self.critical) & set(self.warning))
+        if both:
+            raise ValueError(f"checks listed as both critical and warning: {both}")
+        return self
+
+
+class ModelSection(Section):
+    text_encoder: str = Field(min_length=1)
+    audio_encoder: str = Field(min_length=1)
+    init: Literal["text_centric", "random"]
+    class_prompt: str = Field(pattern=r"\{\}")
+    center_class_vectors: bool
+    text_centering: Literal["none", "global", "language"]
+    centroid_splits: list[Literal["train", "val"]] = Field(min_length=1)  # never test: its queries are scored
+    centroid_min_texts: int = Field(ge=1)
+
+
+class EmbedTextSection(Section):
+    extra_encoders: list[str] = Field(default_factory=list)
+
+
+class TrainSection(Section):
+    seed: int
+    epochs: int = Field(ge=1, le=100000)
+    batch_size: int = Field(ge=2)  # a contrastive batch needs a negative
+    lr_head: float = Field(gt=0, le=10)
+    lr_backbone: float = Field(ge=0, le=10)
+    weight_decay: float = Field(ge=0)
+    warmup_epochs: int = Field(ge=0)
+    trainable: Literal["projection", "last_blocks", "all"]
+    last_blocks: int = Field(ge=0)
+    train_class_vectors: bool
+    init_anchor: float = Field(ge=0)
+    augment_gain_db: float = Field(ge=0, le=60)
+    augment_shift_s: float = Field(ge=0, le=60)
+    init_temperature: float = Field(gt=0, le=1)
+    max_logit_scale: float = Field(ge=1)
+    select_metric: Literal["mean_R@1", "t2a_R@1", "a2t_R@1", "t2a_R@5"]
+    precision: Literal["auto", "fp32", "bf16"]
+    device: Literal["auto", "cpu", "cuda"]
+
+
+class EvaluateSection(Section):
+    english_only_contrast: bool
+    english_only_text_encoder: str = Field(min_length=1)
+    chance_draws: int = Field(ge=1)
+    chance_seed: int
+    plot_metric: Metric
+    min_captions: int = Field(ge=1)
+    bootstrap_draws: int = Field(ge=1)
+    bootstrap_seed: int
+    bootstrap_confidence: float = Field(gt=0, lt=1)
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    data: DataSection
+    audio: AudioSection
+    split: SplitSection
+    ingest: IngestSection
+    validate_: ValidateSection = Field(alias="validate")
+    model: ModelSection
+    embed_text: EmbedTextSection
+    train: TrainSection
+    evaluate: EvaluateSection
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+
+
+def _describe(error: Mapping[str, Any], prefix: str = "") -> str:
+    where = ".".join(str(p) for p in error["loc"] if p != "validate_") or "(top level)"
+    where = (prefix + where) if prefix else where
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}{shown}"
+
+
+def describe(exc: ValidationError, prefix: str = "") -> str:
+    """One line per offending key: ``train.epochs: Input should be greater than or equal to 1 (got -1)``."""
+    return "; ".join(_describe(e, prefix) for e in exc.errors())
+
+
+def validate_params(params: Mapping[str, Any]) -> Params:
+    """The whole params tree, typed; raises ConfigError naming every bad key."""
+    try:
+        return Params.model_validate(params)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid parameters: {describe(exc)}") from None
+
+
+def lookup(params: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"params has no {dotted!r}")
+        node = node[part]
+    return node
+
+
+C = TypeVar("C", bound="StepConfig")
+
+
+class StepConfig(BaseModel):
+    """The settings one step reads, and nothing else.
+
+    ``PARAMS`` maps each field to its params.yaml key (a whole section or one value); the dvc stage's
+    ``params:`` and the kfp component's parameters are exactly these keys.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    PARAMS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_params(cls: type[C], params: Mapping[str, Any]) -> C:
+        """From the whole params tree: the tree is validated first, so a typo anywhere is refused."""
+        validate_params(params)
+        return cls.from_values({field: lookup(params, key) for field, key in cls.PARAMS.items()})
+
+    @classmethod
+    def from_values(cls: type[C], values: Mapping[str, Any]) -> C:
+        """From this step's values alone (what a kfp component receives), keyed by field name."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            key_of = cls.PARAMS
+            errors = []
+            for e in exc.errors():
+                loc = list(e["loc"])
+                head = key_of.get(str(loc[0]), str(loc[0])) if loc else ""
+                errors.append(_describe({**e, "loc": [head, *loc[1:]]}))
+            raise ConfigError(f"invalid {cls.__name__} settings: {'; '.join(errors)}") from None
+
+    @classmethod
+    def param_keys(cls) -> list[str]:
+        return list(cls.PARAMS.values())
+
+
+class IngestConfig(StepConfig):
+    PARAMS = {"format": "data.format", "audio": "audio", "split": "split", "ingest": "ingest"}
+    format: Literal[FORMATS]  # type: ignore[valid-type]
+    audio: AudioSection
+    split: SplitSection
+    ingest: IngestSection
+
+
+class ValidateConfig(StepConfig):
+    PARAMS = {"validate": "validate", "audio": "audio", "split": "split",
+              "training_language": "ingest.training_language"}
+    validate_: ValidateSection = Field(alias="validate")
+    audio: AudioSection
+    split: SplitSection
+    training_language: str = Field(pattern=LANGUAGE_CODE)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class EmbedTextConfig(StepConfig):
+    PARAMS = {"text_encoder": "model.text_encoder", "audio_encoder": "model.audio_encoder", "init": "model.init",
+              "class_prompt": "model.class_prompt", "extra_encoders": "embed_text.extra_encoders",
+              "english_only_contrast": "evaluate.english_only_contrast",
+              "english_only_text_encoder": "evaluate.english_only_text_encoder"}
+    text_encoder: str = Field(min_length=1)
+    audio_encoder: str = Field(min_length=1)
+    init: Literal["text_centric", "random"]
+    class_prompt: str = Field(pattern=r"\{\}")
+    extra_encoders: list[str]
+    english_only_contrast: bool
+    english_only_text_encoder: str = Field(min_length=1)
+
+
+class TrainConfig(StepConfig):
+    PARAMS = {"model": "model", "train": "train", "sample_rate": "audio.sample_rate",
+              "training_language": "ingest.training_language"}
+    model: ModelSection
+    train: TrainSection
+    sample_rate: int = Field(ge=8000, le=192000)
+    training_language: str = Field(pattern=LANGUAGE_CODE)
+
+
+class EvaluateConfig(StepConfig):
+    PARAMS = {"evaluate": "evaluate", "model": "model", "seed": "train.seed", "sample_rate": "audio.sample_rate",
+              "training_language": "ingest.training_language"}
+    evaluate: EvaluateSection
+    model: ModelSection
+    seed: int
+    sample_rate: int = Field(ge=8000, le=192000)
+    training_language: str = Field(pattern=LANGUAGE_CODE)
+
+
+STEP_CONFIGS: dict[str, type[StepConfig]] = {
+    "ingest": IngestConfig, "validate": ValidateConfig, "embed_text": EmbedTextConfig, "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
