@@ -13,11 +13,12 @@ export BENTOML_HOME := $(CURDIR)/work/bentoml
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CACARA_WEIGHTS_DIR := $(CURDIR)/work/weights
 
-.PHONY: setup data run test repro summary clean help
+.PHONY: setup data run test repro summary clean help image image-cuda
 
 help:
 	@echo "make run   - set up, restore the demo corpus (dvc pull), run the pipeline (dvc repro), print results"
 	@echo "make test  - set up, restore the demo corpus, run the test suite"
+	@echo "make image - build the CPU image with buildah (make image-cuda: the CUDA image for training)"
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,13 @@ run: repro summary
 
 test: data
 	$(BIN)/python -m pytest
+
+# Images: buildah on a base made from Debian's packages (no registry needed); see scripts/build_image.sh.
+image: data
+	scripts/build_image.sh cpu
+
+image-cuda: data
+	scripts/build_image.sh cuda
 
 clean:
 	rm -rf work reports

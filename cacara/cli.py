@@ -82,7 +82,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cacara.config import TrainConfig
     from components.train import train
 
-    result = train(args.dataset, args.text_emb, args.out, TrainConfig.from_params(_params(args)),
+    if args.config:  # a TrainConfig as JSON: what the Kubeflow train task hands torchrun workers
+        config = TrainConfig.model_validate_json(Path(args.config).read_text(encoding="utf-8"))
+    else:
+        config = TrainConfig.from_params(_params(args))
+    result = train(args.dataset, args.text_emb, args.out, config,
                    text_encoder=args.text_encoder, resume_from=args.resume_from,
                    max_epochs_this_run=args.max_epochs_this_run)
     print(result.summary())
@@ -108,6 +112,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = EvaluateConfig.from_params(_params(args))
     result = evaluate(args.dataset, args.text_emb, _named(args.model), args.out, config, contrast=args.contrast)
     print(result.table(metric=config.evaluate.plot_metric))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """The Kubeflow pipeline: compile it, run it in kfp.local, or submit it to a cluster."""
+    from pipelines import training
+
+    params = _params(args)
+    md5 = args.data_md5 if args.data_md5 is not None else training.data_md5(REPO_ROOT / "data.dvc")
+    if args.action == "compile":
+        print(training.compile_pipeline(params, args.out or training.COMPILED, md5))
+        return 0
+    if args.action == "run-local":
+        import time
+
+        start = time.monotonic()
+        root = Path(args.pipeline_root).resolve()
+        training.run_local(params, root, args.source or params["data"]["source"], md5)
+        print(f"pipeline finished in kfp.local in {time.monotonic() - start:.0f} s; outputs under {root}")
+        return 0
+    from pipelines.submit import submit
+
+    result = submit(params, host=args.host, md5=md5, experiment=args.experiment, run_name=args.run_name,
+                    namespace=args.namespace, source=args.source)
+    print(f"submitted run {result.run_id} ({args.run_name or 'unnamed'}) to {args.host}")
     return 0
 
 
@@ -161,6 +190,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "embed-audio": (cmd_embed_audio, "audio files -> (N, D) float32 .npy of L2-normalised embeddings"),
     "embed-text": (cmd_embed_text, "texts (any language) -> (N, D) float32 .npy in the same space"),
     "summary": (cmd_summary, "print the results of the last run"),
+    "pipeline": (cmd_pipeline, "the Kubeflow pipeline: compile | run-local | submit"),
 }
 
 
@@ -201,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-emb", default="work/text_emb")
     p.add_argument("--out", default="work/train")
     p.add_argument("--text-encoder", default=None, help="frozen tower (default: params model.text_encoder)")
+    p.add_argument("--config", default=None,
+                   help="the training settings as a JSON TrainConfig instead of params.yaml (multi-node workers)")
     p.add_argument("--resume-from", default=None,
                    help="checkpoints folder of an interrupted run to continue (may be OUT/checkpoints)")
     p.add_argument("--max-epochs-this-run", type=int, default=None,
@@ -225,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language code of the texts (de, pt-BR, ...): centres them by that language's mean; "
                         "without it the overall mean is used")
     p.add_argument("texts", nargs="*", metavar="TEXT")
+    p = add("pipeline")
+    p.add_argument("action", choices=["compile", "run-local", "submit"])
+    p.add_argument("--out", default=None, help="compile: where to write the YAML (default pipelines/training.yaml)")
+    p.add_argument("--data-md5", default=None, help="the dataset's DVC md5 (default: the one data.dvc records)")
+    p.add_argument("--source", default=None, help="run-local/submit: the dataset source (default: params data.source)")
+    p.add_argument("--pipeline-root", default="work/kfp", help="run-local: where kfp.local writes the artifacts")
+    p.add_argument("--host", default=None, help="submit: the Kubeflow Pipelines API, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--experiment", default="cacara", help="submit: experiment name (created when missing)")
+    p.add_argument("--run-name", default=None, help="submit: the run's name")
+    p.add_argument("--namespace", default=None, help="submit: the profile namespace (default: params cluster.namespace)")
     p = add("summary")
     p.add_argument("--work", default=".", help="project folder holding work/ and reports/")
     return parser

@@ -146,6 +146,37 @@ class EvaluateSection(Section):
     bootstrap_confidence: float = Field(gt=0, lt=1)
 
 
+class Toleration(Section):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class ClusterSection(Section):
+    """How the Kubeflow pipeline runs; fixed when the pipeline is compiled, except the counts."""
+
+    image: str = Field(min_length=1)
+    cuda_image: str = Field(min_length=1)
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    ingest_shards: int = Field(ge=1, le=1024)
+    train_nodes: int = Field(ge=1, le=1024)
+    train_gpus: int = Field(ge=0, le=64)
+    train_cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    train_memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    task_cpu: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    task_memory: str = Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[Toleration] = Field(default_factory=list)
+    storage_secret: str = ""
+    storage_secret_keys: list[str] = Field(default_factory=list)
+    retries: int = Field(ge=0, le=20)
+    retry_backoff: str = Field(pattern=r"^[0-9]+s$")
+    shared_pvc: str = ""
+    trainer_runtime: str = Field(min_length=1)
+    trainjob_timeout_s: int = Field(ge=60)
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -158,6 +189,7 @@ class Params(Section):
     embed_text: EmbedTextSection
     train: TrainSection
     evaluate: EvaluateSection
+    cluster: ClusterSection
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 
@@ -232,6 +264,36 @@ class StepConfig(BaseModel):
     def param_keys(cls) -> list[str]:
         return list(cls.PARAMS.values())
 
+    @classmethod
+    def leaves(cls) -> dict[str, tuple[str, str | None]]:
+        """Flat parameter names (``train_epochs``, ``ingest_training_language``) -> (field, sub-key or None).
+
+        A kfp component and the pipeline take these: one scalar or list per params.yaml value, so the
+        cache key of a task holds exactly the values its step reads.
+        """
+        out: dict[str, tuple[str, str | None]] = {}
+        for field, key in cls.PARAMS.items():
+            annotation = cls.model_fields[field].annotation
+            if isinstance(annotation, type) and issubclass(annotation, Section):
+                for sub in annotation.model_fields:
+                    out[f"{key}_{sub}"] = (field, sub)
+            else:
+                out[key.replace(".", "_")] = (field, None)
+        return out
+
+    @classmethod
+    def from_leaves(cls: type[C], values: Mapping[str, Any]) -> C:
+        """From flat parameter names (:meth:`leaves`); other keys in ``values`` are ignored."""
+        fields: dict[str, Any] = {}
+        for leaf, (field, sub) in cls.leaves().items():
+            if leaf not in values:
+                raise ConfigError(f"{cls.__name__}: parameter {leaf!r} is missing")
+            if sub is None:
+                fields[field] = values[leaf]
+            else:
+                fields.setdefault(field, {})[sub] = values[leaf]
+        return cls.from_values(fields)
+
 
 class IngestConfig(StepConfig):
     PARAMS = {"format": "data.format", "audio": "audio", "split": "split", "ingest": "ingest"}
@@ -242,7 +304,7 @@ class IngestConfig(StepConfig):
 
 
 class ValidateConfig(StepConfig):
-    PARAMS = {"validate": "validate", "audio": "audio", "split": "split",
+    PARAMS = {"validate_": "validate", "audio": "audio", "split": "split",
               "training_language": "ingest.training_language"}
     validate_: ValidateSection = Field(alias="validate")
     audio: AudioSection
@@ -289,3 +351,14 @@ STEP_CONFIGS: dict[str, type[StepConfig]] = {
     "ingest": IngestConfig, "validate": ValidateConfig, "embed_text": EmbedTextConfig, "train": TrainConfig,
     "evaluate": EvaluateConfig,
 }
+
+
+def flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Every value the steps read, by its flat name (``train_epochs``): the pipeline's parameters."""
+    validate_params(params)
+    out: dict[str, Any] = {}
+    for config in STEP_CONFIGS.values():
+        for leaf, (field, sub) in config.leaves().items():
+            key = config.PARAMS[field]
+            out[leaf] = lookup(params, key if sub is None else f"{key}.{sub}")
+    return out

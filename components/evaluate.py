@@ -53,6 +53,55 @@ class EvaluateResult:
             lines.append(f"{lang:<12}" + "".join(f"{c:>22.1f}" if c is not None else f"{'-':>22}" for c in cells))
         return "\n".join(lines)
 
+    def headline(self, language: str) -> list[tuple[str, dict[str, float] | None, dict[str, float] | None]]:
+        """(system, its metrics on ``language``, its mean over the other languages) per system."""
+        return [(s, (self.summary_metrics.get(s) or {}).get(language),
+                 (self.summary_metrics.get(s) or {}).get("mean_other_languages")) for s in self.systems]
+
+    def markdown(self, language: str = "en") -> str:
+        """The summary a pipeline UI shows: headline metrics per system and the checks."""
+        lines = ["| system | en t2a R@1 | en t2a R@10 | en a2t R@1 | other languages t2a R@1 |", "|---|---:|---:|---:|---:|"]
+        for system, own, others in self.headline(language):
+            if own:
+                lines.append(f"| {system} | {own['t2a_R@1']:.1f} | {own['t2a_R@10']:.1f} | {own['a2t_R@1']:.1f} | "
+                             f"{others['t2a_R@1'] if others else float('nan'):.1f} |")
+        checks = self.summary_metrics.get("checks", {})
+        lines += ["", *(f"- {k}: {v}" for k, v in checks.items())]
+        return "\n".join(lines) + "\n"
+
+
+def write_html_report(result: EvaluateResult, path: Path, plot: Path, metric: str, min_captions: int) -> None:
+    """One self-contained page (plot embedded): what a person opens after a run."""
+    import base64
+    import html
+
+    by = {(r["system"], r["language"]): r for r in result.rows}
+    langs = sorted({r["language"] for r in result.rows})
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in result.systems)
+    body = []
+    for lang in langs:
+        n = next((by[(s, lang)]["n_texts"] for s in result.systems if (s, lang) in by), 0)
+        cells = "".join(f"<td>{by[(s, lang)][metric]:.1f}</td>" if (s, lang) in by else "<td>-</td>"
+                        for s in result.systems)
+        faint = " class='few'" if n < min_captions else ""
+        body.append(f"<tr{faint}><td>{html.escape(lang)}</td><td>{int(n)}</td>{cells}</tr>")
+    image = base64.b64encode(plot.read_bytes()).decode()
+    checks = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(str(v))}</li>"
+                     for k, v in result.summary_metrics.get("checks", {}).items())
+    path.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>CACARA evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
+padding:.2em .5em;text-align:right}}td:first-child{{text-align:left}}tr.few{{color:#999}}</style></head><body>
+<h1>Multilingual retrieval on the test split</h1>
+<p>{html.escape(metric)} in percent; training saw English captions only. Grey rows: fewer than {min_captions}
+test captions, left out of means, checks and the plot.</p>
+<h2>Checks</h2><ul>{checks}</ul>
+<img alt="{html.escape(metric)} per language" src="data:image/png;base64,{image}">
+<h2>Per language</h2>
+<table><tr><th>language</th><th>captions</th>{head}</tr>{''.join(body)}</table>
+</body></html>
+""", encoding="utf-8")
+
 
 def language_queries(clips: list[Clip], language: str) -> tuple[list[str], list[int]]:
     """Captions in ``language`` and the index (in ``clips``) of the clip each describes."""
@@ -152,6 +201,7 @@ def evaluate(dataset_dir: str | Path, text_emb_dir: str | Path, models: Mapping[
     _plot(rows, order, out / "r1_per_language.png", ev.plot_metric, ev.min_captions)
     result = EvaluateResult(out, rows, summary, order)
     (out / "table.txt").write_text(result.table(metric=ev.plot_metric) + "\n")
+    write_html_report(result, out / "report.html", out / "r1_per_language.png", ev.plot_metric, ev.min_captions)
     return result
 
 

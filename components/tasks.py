@@ -1,0 +1,207 @@
+"""What each Kubeflow task runs: its parameters and artifacts in, the step function, artifacts out.
+
+The kfp components (components/kfp_components.py) are thin: their bodies hand ``locals()`` to one of
+these functions, which builds the step's typed config from the flat parameters, calls the same step
+function ``dvc repro`` runs, and writes outputs and metadata (data hash, towers, metrics) onto the
+artifacts. Artifacts are used through their ``path`` and ``metadata`` only, so nothing here imports
+kfp (inside a running component kfp exposes only its runtime types).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cacara.config import EmbedTextConfig, EvaluateConfig, IngestConfig, TrainConfig, ValidateConfig
+
+log = logging.getLogger(__name__)
+
+#: Where the train task mounts the ReadWriteMany volume it shares with TrainJob nodes.
+SHARED_MOUNT = "/shared"
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _copy_dir(src: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+
+
+def shard_indices(num_shards: int) -> list[int]:
+    if num_shards < 1:
+        raise ValueError(f"ingest needs at least one shard, got {num_shards}")
+    return list(range(num_shards))
+
+
+def ingest_task(values: dict[str, Any]) -> None:
+    """One shard of the source into the ``dataset`` artifact; the merge task gates on the bad fraction."""
+    from components.ingest import ingest
+
+    _setup_logging()
+    dataset = values["dataset"]
+    result = ingest(values["source_uri"], dataset.path, IngestConfig.from_leaves(values),
+                    shard=int(values["shard"]), num_shards=int(values["num_shards"]))
+    dataset.metadata.update({"data_md5": values["data_md5"], "shard": int(values["shard"]),
+                             "num_shards": int(values["num_shards"]), "clips": len(result.clips),
+                             "quarantined": len(result.quarantined)})
+
+
+def merge_task(values: dict[str, Any]) -> None:
+    from components.ingest import merge_shards
+
+    _setup_logging()
+    dataset, parts = values["dataset"], values["shards"]
+    result = merge_shards([Path(p.path) for p in parts], dataset.path, IngestConfig.from_leaves(values))
+    dataset.metadata.update({"data_md5": values["data_md5"], "format": result.format, "clips": len(result.clips),
+                             "quarantined": len(result.quarantined), "rows": result.total_rows,
+                             "bad_fraction": round(result.bad_fraction, 6)})
+
+
+def validate_task(values: dict[str, Any]) -> None:
+    """Great Expectations over the dataset; a failed critical check fails the task with its message,
+    after the reports are written."""
+    from components.validate import ValidationFailed, validate
+
+    _setup_logging()
+    reports, report = values["reports"], values["report"]
+    try:
+        result = validate(values["dataset"].path, reports.path, ValidateConfig.from_leaves(values))
+    except ValidationFailed:
+        shutil.copyfile(Path(reports.path) / "validation.html", report.path)
+        raise
+    shutil.copyfile(result.html_path, report.path)
+    reports.metadata.update({"success": result.success, "clips": result.n_clips, "captions": result.n_captions,
+                             "warnings": [e.name for e in result.failed("warning")]})
+
+
+def embed_text_task(values: dict[str, Any]) -> None:
+    from components.embed_text import embed_text
+
+    _setup_logging()
+    text_emb = values["text_emb"]
+    result = embed_text(values["dataset"].path, text_emb.path, EmbedTextConfig.from_leaves(values))
+    text_emb.metadata.update({"towers": sorted(result.counts), "texts": {k: v[0] for k, v in result.counts.items()}})
+
+
+def train_task(values: dict[str, Any]) -> None:
+    """Train on one node (several GPUs through torchrun) or, with ``train_nodes`` > 1, through a
+    Kubeflow Trainer TrainJob; either way the selected model becomes the ``model`` artifact."""
+    _setup_logging()
+    config = TrainConfig.from_leaves(values)
+    tower = values.get("text_encoder") or config.model.text_encoder
+    nodes, gpus = int(values["train_nodes"]), int(values["train_gpus"])
+    _check_gpus(int(values.get("pod_gpus", 0)), config.train.device)
+    dataset, text_emb = Path(values["dataset"].path), Path(values["text_emb"].path)
+    scratch = Path(tempfile.mkdtemp(prefix="cacara-train-"))
+    if nodes > 1:
+        out = _train_on_trainjob(values, config, tower, dataset, text_emb)
+    elif gpus > 1:
+        out = scratch / "out"
+        config_file = scratch / "train_config.json"
+        config_file.write_text(config.model_dump_json())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "cacara.cli", "train", "--config", str(config_file), "--dataset", str(dataset),
+               "--text-emb", str(text_emb), "--out", str(out), "--text-encoder", tower]
+        log.info("training on %d GPUs of this node: %s", gpus, " ".join(cmd))
+        subprocess.run(cmd, check=True)
+    else:
+        from components.train import train
+
+        out = scratch / "out"
+        train(dataset, text_emb, out, config, text_encoder=tower)
+    _publish_model(out, values["model"], values["metrics"], values["data_md5"])
+
+
+def _check_gpus(requested: int, device: str) -> None:
+    """A pod granted fewer GPUs than it asked for would train on what it sees, or on the CPU: say so."""
+    if requested <= 0 or device == "cpu":
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < requested:
+        message = f"the train task requested {requested} GPU(s) but sees {visible}"
+        if device == "cuda":
+            raise RuntimeError(message + " (train.device is cuda)")
+        log.warning("%s; training on what is visible", message)
+
+
+def _train_on_trainjob(values: dict[str, Any], config: TrainConfig, tower: str, dataset: Path,
+                       text_emb: Path) -> Path:
+    from components.trainjob import TrainJobSpec, submit_and_wait, trainjob_body
+
+    if not values["cluster_shared_pvc"]:
+        raise ValueError("train_nodes > 1 needs cluster.shared_pvc: a ReadWriteMany volume the task and the "
+                         "TrainJob nodes share")
+    run = f"cacara-{uuid.uuid4().hex[:10]}"
+    shared = Path(os.environ.get("CACARA_SHARED_DIR", SHARED_MOUNT)) / run
+    _copy_dir(dataset, shared / "dataset")
+    _copy_dir(text_emb, shared / "text_emb")
+    (shared / "train_config.json").write_text(config.model_dump_json())
+    mount = SHARED_MOUNT + "/" + run
+    command = ["torchrun", "-m", "cacara.cli", "train", "--config", f"{mount}/train_config.json",
+               "--dataset", f"{mount}/dataset", "--text-emb", f"{mount}/text_emb", "--out", f"{mount}/out",
+               "--text-encoder", tower]
+    spec = TrainJobSpec(
+        name=run, namespace=values["cluster_namespace"], image=values["cluster_cuda_image"], command=command,
+        num_nodes=int(values["train_nodes"]), gpus_per_node=int(values["train_gpus"]),
+        cpu=values["cluster_train_cpu"], memory=values["cluster_train_memory"], runtime=values["cluster_trainer_runtime"],
+        node_selector=values["cluster_gpu_node_selector"] or {}, tolerations=values["cluster_gpu_tolerations"] or [],
+        pvc=values["cluster_shared_pvc"], mount_path=SHARED_MOUNT,
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    submit_and_wait(trainjob_body(spec), timeout_s=float(values["cluster_trainjob_timeout_s"]))
+    return shared / "out"
+
+
+def _publish_model(out: Path, model, metrics, data_md5: str) -> None:
+    _copy_dir(out / "model", Path(model.path))
+    config = json.loads((out / "model" / "config.json").read_text())
+    val = config.get("val", {})
+    model.metadata.update({"text_encoder": config["text_encoder"], "audio_encoder": config["audio_encoder"],
+                           "best_epoch": config.get("epoch"), "data_md5": data_md5,
+                           "onnx_sha256": config.get("onnx_sha256"), "weights_sha256": config["sha256"]})
+    for name in ("t2a_R@1", "a2t_R@1", "t2a_R@5"):
+        if name in val:
+            metrics.log_metric(f"val_en_{name}", round(float(val[name]), 3))
+
+
+def evaluate_task(values: dict[str, Any]) -> None:
+    """Every system on the test split; the metrics, an HTML report and a Markdown summary as artifacts."""
+    from components.evaluate import ENGLISH_ONLY, TRAINED, evaluate
+
+    _setup_logging()
+    config = EvaluateConfig.from_leaves(values)
+    models = {TRAINED: Path(values["model"].path)}
+    contrast = None
+    if values.get("english_only_model") is not None:
+        models[ENGLISH_ONLY] = Path(values["english_only_model"].path)
+        contrast = ENGLISH_ONLY
+    reports = Path(values["reports"].path)
+    result = evaluate(values["dataset"].path, values["text_emb"].path, models, reports, config, contrast=contrast)
+    shutil.copyfile(reports / "report.html", values["report"].path)
+    Path(values["summary"].path).write_text(result.markdown(), encoding="utf-8")
+    metrics, lang = values["metrics"], config.training_language
+    for system in result.systems:
+        block = result.summary_metrics.get(system) or {}
+        if block.get(lang):
+            metrics.log_metric(f"{system}_{lang}_t2a_R@1", block[lang]["t2a_R@1"])
+        if block.get("mean_other_languages"):
+            metrics.log_metric(f"{system}_other_languages_t2a_R@1", block["mean_other_languages"]["t2a_R@1"])
+    checks = result.summary_metrics["checks"]
+    for key in ("known_languages_where_multilingual_beats_english_only_t2a_R@1", "other_languages_known_to_tower"):
+        if key in checks:
+            metrics.log_metric(key, checks[key])
+    values["reports"].metadata.update({"data_md5": values["data_md5"], "systems": result.systems,
+                                       "checks": {k: v for k, v in checks.items() if not isinstance(v, list)}})

@@ -1,0 +1,1 @@
+"""Kubeflow pipeline definitions (kfp v2) over the step functions in components/."""
