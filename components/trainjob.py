@@ -124,10 +124,13 @@ def api_client():
     """In a pod: the service account's in-cluster config; elsewhere the user's kubeconfig."""
     from kubernetes import client, config
 
+    import os
+
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # KUBECONFIG read now, not when the kubernetes package was imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     return client.ApiClient()
 
 

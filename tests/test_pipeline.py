@@ -236,3 +236,15 @@ def test_flat_parameters_cover_every_setting_a_step_reads():
     for name, config in STEP_CONFIGS.items():
         assert set(config.leaves()) <= set(flat), name
         assert config.from_leaves(flat) == config.from_params(load_params()), name
+
+
+def test_a_failed_validation_stops_the_run_before_training(tmp_path):
+    """kfp.local runs the real validate task; a critical failure (here: split shares far from the
+    configured fractions) fails it with the step's message and nothing downstream runs."""
+    source = demo_subset(tmp_path / "src", {"train": 6, "val": 2, "test": 2})
+    params = load_params(overrides={**LOCAL_OVERRIDES, "validate.split_tolerance": 0.0})
+    with pytest.raises(RuntimeError, match="Inner task failed: .*validate-dataset"):
+        training.run_local(params, tmp_path / "kfp", source, md5="subset")
+    report = json.loads(next((tmp_path / "kfp").glob("*/validate-dataset/reports/validation.json")).read_text())
+    assert report["success"] is False and "split_fractions" in report["failed_critical"]
+    assert not list((tmp_path / "kfp").glob("*/train*")) and not list((tmp_path / "kfp").glob("*/embed-text*"))

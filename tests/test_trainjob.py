@@ -116,3 +116,121 @@ def test_the_wait_is_bounded():
 def test_an_unreachable_api_is_reported():
     with pytest.raises(TrainJobError, match="cannot reach the Kubernetes API"):
         submit_and_wait(trainjob_body(SPEC), timeout_s=5, poll_s=0.01, client=_client(f"http://127.0.0.1:{closed_port()}"))
+
+
+class LocalTrainer(FakeTrainer):
+    """The Trainer controller, emulated on this machine: a created TrainJob's command runs as
+    ``numNodes`` processes with the ``PET_*`` variables the torch-distributed runtime injects, its
+    ``/shared`` mount mapped to a local folder; the job completes when every node exits 0."""
+
+    def __init__(self, shared, namespace: str):
+        super().__init__()
+        self.shared, self.namespace, self.nodes = shared, namespace, []
+
+    def __call__(self, request):
+        import os
+        import subprocess
+        import sys
+
+        from tests.loopback import closed_port
+
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+        if request.method == "POST" and request.path == path:
+            self.created = request.json()
+            trainer = self.created["spec"]["trainer"]
+            command = [str(self.shared) + a[len("/shared"):] if a.startswith("/shared") else a
+                       for a in trainer["command"]]
+            assert command[0] == "torchrun"
+            port = str(closed_port())
+            for rank in range(trainer["numNodes"]):
+                env = {**os.environ, "PET_NNODES": str(trainer["numNodes"]), "PET_NODE_RANK": str(rank),
+                       "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]), "PET_MASTER_ADDR": "127.0.0.1",
+                       "PET_MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                       **{e["name"]: e["value"] for e in trainer.get("env", [])}}
+                self.nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *command[1:]],
+                                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            return Answer(201, self.created)
+        if request.method == "GET" and self.created and request.path == f"{path}/{self.created['metadata']['name']}":
+            codes = [n.poll() for n in self.nodes]
+            status = {}
+            if all(c is not None for c in codes):
+                kind = "Complete" if all(c == 0 for c in codes) else "Failed"
+                status = {"conditions": [{"type": kind, "status": "True", "message": f"exit codes {codes}"}]}
+            return Answer(200, {**self.created, "status": status})
+        return Answer(404, {"kind": "Status", "message": "not found"})
+
+
+@pytest.mark.slow
+def test_multi_node_train_task_runs_a_trainjob_and_publishes_its_model(tiny_corpus, tmp_path, monkeypatch):
+    """train_nodes=2: the kfp train task copies its inputs to the shared volume, submits the TrainJob
+    through the kubernetes client (configured by a kubeconfig, as outside a cluster), waits, and
+    publishes what the two nodes trained as its Model artifact."""
+    import json
+
+    from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+    from cacara.config import flat_params
+    from components.tasks import train_task
+    from model.cacara_model import load_model
+
+    dataset, text_emb, params = tiny_corpus
+    p = {**params, "train": {**params["train"], "epochs": 2, "batch_size": 2}}
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    namespace = p["cluster"]["namespace"]
+    trainer = LocalTrainer(shared, namespace)
+    with Loopback(trainer) as server:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "loop",
+            "clusters": [{"name": "loop", "cluster": {"server": server.url}}],
+            "users": [{"name": "runner", "user": {"token": "sa-token"}}],
+            "contexts": [{"name": "loop", "context": {"cluster": "loop", "user": "runner", "namespace": namespace}}]}))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setenv("CACARA_SHARED_DIR", str(shared))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        cluster = p["cluster"]
+        model = Model(uri=str(tmp_path / "model"))
+        metrics = Metrics(uri=str(tmp_path / "metrics"))
+        values = {**flat_params(p), "dataset": Dataset(uri=str(dataset)), "text_emb": Artifact(uri=str(text_emb)),
+                  "model": model, "metrics": metrics, "data_md5": "md5-of-the-data", "text_encoder": "",
+                  "train_nodes": 2, "train_gpus": 1, "pod_gpus": 0,
+                  **{f"cluster_{k}": cluster[k] for k in ("namespace", "cuda_image", "train_cpu", "train_memory",
+                                                         "trainer_runtime", "gpu_node_selector", "gpu_tolerations",
+                                                         "trainjob_timeout_s")},
+                  "cluster_shared_pvc": "cacara-shared"}
+        train_task(values)
+        for node in trainer.nodes:
+            assert node.wait(timeout=5) == 0, node.stdout.read().decode()[-3000:]
+    job = trainer.created
+    assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["trainer"]["image"] == cluster["cuda_image"]
+    assert all(r.headers.get("authorization") == "Bearer sa-token" for r in server.requests)
+    published = load_model(tmp_path / "model")
+    assert published.config["text_encoder"] == p["model"]["text_encoder"]
+    assert model.metadata["data_md5"] == "md5-of-the-data" and model.metadata["onnx_sha256"]
+    history = (next(shared.glob("cacara-*")) / "out" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3  # epochs 0..2, written once by rank 0
+    assert "val_en_t2a_R@1" in metrics.metadata
+
+
+@pytest.mark.slow
+def test_several_gpus_on_one_node_train_through_torchrun_inside_the_task(tiny_corpus, tmp_path):
+    """train_gpus=2 on one node: the task runs torchrun with two processes (gloo on a CPU-only machine,
+    NCCL on GPUs) and publishes rank 0's model."""
+    from kfp.dsl import Artifact, Dataset, Metrics, Model
+
+    from cacara.config import flat_params
+    from components.tasks import train_task
+    from model.cacara_model import load_model
+
+    dataset, text_emb, params = tiny_corpus
+    p = {**params, "train": {**params["train"], "epochs": 1, "batch_size": 2}}
+    cluster = p["cluster"]
+    model = Model(uri=str(tmp_path / "model"))
+    values = {**flat_params(p), "dataset": Dataset(uri=str(dataset)), "text_emb": Artifact(uri=str(text_emb)),
+              "model": model, "metrics": Metrics(uri=str(tmp_path / "m")), "data_md5": "x", "text_encoder": "",
+              "train_nodes": 1, "train_gpus": 2, "pod_gpus": 0,
+              **{f"cluster_{k}": v for k, v in cluster.items()}}
+    train_task(values)
+    assert load_model(tmp_path / "model").config["text_encoder"] == p["model"]["text_encoder"]
+    assert model.metadata["best_epoch"] in (0, 1)
