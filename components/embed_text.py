@@ -73,11 +73,11 @@ def embed_text(dataset_dir: str | Path, out_dir: str | Path, config: EmbedTextCo
 
 
 def encoders_needed(config: EmbedTextConfig) -> list[str]:
-    """The training tower, the English-only contrast (when on) and any extra listed: each embedded once.
-    A composite tower's parts come before it."""
+    """The training tower, the English-only contrast and any extra listed: each embedded once. The
+    contrast's tower is always embedded: `dvc repro` always trains the contrast (the Kubeflow pipeline's
+    switch only skips its training). A composite tower's parts come before it."""
     from model.text_encoders import composite_parts
 
-    names = [config.text_encoder, *([config.english_only_text_encoder] if config.english_only_contrast else []),
-             *config.extra_encoders]
+    names = [config.text_encoder, config.english_only_text_encoder, *config.extra_encoders]
     expanded = [t for name in names for t in [*(t for t, _ in composite_parts(name) or []), name]]
     return list(dict.fromkeys(expanded))

@@ -294,7 +294,7 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
             if score > best_score:
                 best_score, best_epoch = score, epoch
                 save_model(model, out / CKPT_DIR / "best", settings, text_encoder,
-                           extra={"epoch": epoch, "val": m, "config": chash})
+                           extra={"epoch": epoch, "val": m, "config": chash, "temperature": loss_fn.temperature})
             _write_history(out / HISTORY, history)
         if dd.world > 1:
             dist.barrier()
@@ -351,6 +351,9 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
         attach_onnx_export(out / CKPT_DIR / "best")
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
         shutil.copytree(out / CKPT_DIR / "best", out / MODEL_DIR)
+        # The history travels with the model: the package step's quality gate compares the selected
+        # epoch with epoch 0, the untrained model, on the same validation clips.
+        shutil.copyfile(out / HISTORY, out / MODEL_DIR / HISTORY)
     if dd.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -142,13 +142,20 @@ def state(job: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: HTTP statuses worth asking again about while waiting: the API server or a proxy was busy.
+TRANSIENT = {429, 500, 502, 503, 504}
+
+
 def submit_and_wait(body: Mapping[str, Any], timeout_s: float, poll_s: float = 15.0, client=None,
                     clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
-    """Create the TrainJob, then poll it until it completes, fails or ``timeout_s`` passes.
+    """Check the runtime exists, create the TrainJob, then poll it until it completes, fails or
+    ``timeout_s`` passes.
 
-    Returns the final object. Raises TrainJobError naming the job and the API's answer on a refused
-    submission (RBAC, a missing runtime, a quota), a failed job (its condition's message) or a timeout
-    (the job is left running; its name is in the message).
+    Returns the final object. Raises TrainJobError naming the job and the API's answer on a missing
+    runtime, a refused submission (RBAC, quota), a failed job (its condition's message) or a timeout.
+    Transient answers while polling (429, 5xx, a dropped connection) are retried until the deadline. A
+    job that failed or timed out, or whose wait was interrupted, is deleted, so its nodes do not keep
+    holding GPUs after the pipeline task is gone (a kfp retry would otherwise start a second gang).
     """
     import urllib3
     from kubernetes import client as k8s
@@ -156,32 +163,62 @@ def submit_and_wait(body: Mapping[str, Any], timeout_s: float, poll_s: float = 1
 
     api = k8s.CustomObjectsApi(client or api_client())
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    runtime = body["spec"]["runtimeRef"]["name"]
+    try:
+        api.get_cluster_custom_object(GROUP, VERSION, "clustertrainingruntimes", runtime)
+    except ApiException as exc:
+        hint = " (install Kubeflow Trainer's runtimes)" if exc.status == 404 else ""
+        raise TrainJobError(f"ClusterTrainingRuntime {runtime!r} is not available: HTTP {exc.status} "
+                            f"{_message(exc)}{hint}") from None
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
+        raise TrainJobError(f"cannot reach the Kubernetes API to submit TrainJob {namespace}/{name}: {exc}") from None
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dict(body))
     except ApiException as exc:
         raise TrainJobError(f"the cluster refused TrainJob {namespace}/{name}: HTTP {exc.status} "
                             f"{exc.reason}: {_message(exc)}") from None
-    except (OSError, urllib3.exceptions.HTTPError) as exc:  # unreachable host, refused connection
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
         raise TrainJobError(f"cannot reach the Kubernetes API to submit TrainJob {namespace}/{name}: {exc}") from None
     log.info("submitted TrainJob %s/%s; waiting up to %.0f s", namespace, name, timeout_s)
     deadline = clock() + timeout_s
-    while True:
-        try:
-            job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as exc:
-            raise TrainJobError(f"cannot read TrainJob {namespace}/{name}: HTTP {exc.status}: {_message(exc)}") from None
-        outcome = state(job)
-        if outcome == "Complete":
-            log.info("TrainJob %s/%s completed", namespace, name)
-            return job
-        if outcome == "Failed":
-            reason = next((c.get("message") or c.get("reason") for c in job["status"]["conditions"]
-                           if c.get("type") == "Failed"), "no message")
-            raise TrainJobError(f"TrainJob {namespace}/{name} failed: {reason}")
-        if clock() >= deadline:
-            raise TrainJobError(f"TrainJob {namespace}/{name} did not finish within {timeout_s:.0f} s "
-                                "(cluster.trainjob_timeout_s); it was left running: delete it or raise the limit")
-        time.sleep(poll_s)
+    finished = False
+    try:
+        while True:
+            job = None
+            try:
+                job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            except ApiException as exc:
+                if exc.status not in TRANSIENT:
+                    raise TrainJobError(f"cannot read TrainJob {namespace}/{name}: HTTP {exc.status}: "
+                                        f"{_message(exc)}") from None
+                log.warning("TrainJob %s/%s: HTTP %s while polling; asking again", namespace, name, exc.status)
+            except (OSError, urllib3.exceptions.HTTPError) as exc:
+                log.warning("TrainJob %s/%s: %s while polling; asking again", namespace, name, exc)
+            outcome = state(job) if job is not None else None
+            if outcome == "Complete":
+                log.info("TrainJob %s/%s completed", namespace, name)
+                finished = True
+                return job
+            if outcome == "Failed":
+                reason = next((c.get("message") or c.get("reason") for c in job["status"]["conditions"]
+                               if c.get("type") == "Failed"), "no message")
+                raise TrainJobError(f"TrainJob {namespace}/{name} failed: {reason}")
+            if clock() >= deadline:
+                raise TrainJobError(f"TrainJob {namespace}/{name} did not finish within {timeout_s:.0f} s "
+                                    "(cluster.trainjob_timeout_s); it was deleted")
+            time.sleep(poll_s)
+    finally:
+        if not finished:
+            _delete(api, namespace, name)
+
+
+def _delete(api, namespace: str, name: str) -> None:
+    """Best effort: the job's nodes stop; a failure to delete is logged, not raised over the real error."""
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        log.info("deleted TrainJob %s/%s", namespace, name)
+    except Exception as exc:  # noqa: BLE001 - never mask the error that brought us here
+        log.warning("could not delete TrainJob %s/%s: %s", namespace, name, exc)
 
 
 def _message(exc) -> str:

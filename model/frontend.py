@@ -102,6 +102,20 @@ def yamnet_mel_matrix(p: YamnetFeatureParams = YAMNET_FEATURES) -> Tensor:
     return weights.to(torch.float32)
 
 
+def _full_precision(x: Tensor):
+    """No TF32 for the frontend's convolution and matmul on CUDA; nothing to change elsewhere."""
+    import contextlib
+
+    if x.device.type != "cuda":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", previous)
+    return stack
+
+
 def dft_basis(p: YamnetFeatureParams, bins: Tensor) -> Tensor:
     """[2 * len(bins), 1, window] conv weights: the Hann-windowed real and imaginary DFT rows of ``bins``.
 
@@ -148,12 +162,18 @@ class YamnetFrontend(nn.Module):
         return 1 + torch.div(extra + p.patch_hop_samples - 1, p.patch_hop_samples, rounding_mode="floor")
 
     def log_mel(self, waveforms: Tensor) -> Tensor:
-        """[B, T] -> [B, frames, mel_bands]; T must already hold at least one STFT window."""
+        """[B, T] -> [B, frames, mel_bands]; T must already hold at least one STFT window.
+
+        Always float32: under bf16 autocast (CUDA training) the DFT convolution would lose two orders of
+        magnitude of precision on the features (measured: max log-mel error 0.22 against 0.02 for rfft),
+        and cuDNN's TF32 would too, so the features training sees would not be the ones inference sees.
+        """
         p = self.params
-        spectrum = nn.functional.conv1d(waveforms.unsqueeze(1), self.dft_basis, stride=p.hop_samples)
-        real, imag = spectrum.chunk(2, dim=1)  # [B, bins, frames] each
-        magnitude = torch.sqrt(real * real + imag * imag).transpose(1, 2)
-        return torch.log(magnitude @ self.mel_matrix + p.log_offset)
+        with torch.autocast(device_type=waveforms.device.type, enabled=False), _full_precision(waveforms):
+            spectrum = nn.functional.conv1d(waveforms.float().unsqueeze(1), self.dft_basis, stride=p.hop_samples)
+            real, imag = spectrum.chunk(2, dim=1)  # [B, bins, frames] each
+            magnitude = torch.sqrt(real * real + imag * imag).transpose(1, 2)
+            return torch.log(magnitude @ self.mel_matrix + p.log_offset)
 
     def forward(self, waveforms: Tensor) -> Tensor:
         """[B, T] (or [T]) float waveforms in [-1, 1] -> [B, P, 1, patch_frames, mel_bands]."""

@@ -69,13 +69,16 @@ def export_audio_branch(model: "CacaraModel") -> bytes:
 
     if not model.encoder.onnx_exportable:
         raise ValueError(f"audio encoder {model.encoder.name} cannot be exported to ONNX")
-    path = resolve_weights_dir() / TEMPLATE_DIR / f"{_template_key(model)}.onnx"
+    path = resolve_weights_dir() / TEMPLATE_DIR / f"{template_key(model)}.onnx"
     if path.exists():
         template = onnx.load_model_from_string(path.read_bytes())
     else:
         template = _trace(model)
-        atomic_write_bytes(path, template.SerializeToString())
-        log.info("traced the audio branch to ONNX; template cached at %s", path)
+        try:
+            atomic_write_bytes(path, template.SerializeToString())
+            log.info("traced the audio branch to ONNX; template cached at %s", path)
+        except OSError as exc:  # a read-only weights folder (an image's) only costs the next export a trace
+            log.warning("could not cache the ONNX template at %s (%s); continuing without", path, exc)
     return _with_weights(template, model).SerializeToString()
 
 
@@ -85,7 +88,8 @@ TEMPLATE_DIR = "onnx_templates"
 _GRAPH_MODULES = ("model.frontend", "model.yamnet", "model.audio_encoders", "model.cacara_model", __name__)
 
 
-def _template_key(model: "CacaraModel") -> str:
+def template_key(model: "CacaraModel") -> str:
+    """What the traced graph depends on: the code that builds it, the architecture, the exporter's versions."""
     import importlib
     from importlib.metadata import version
 
@@ -95,7 +99,7 @@ def _template_key(model: "CacaraModel") -> str:
     shapes = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
     arch = {k: model.config.get(k) for k in ("audio_encoder", "head", "in_dim", "out_dim", "num_classes",
                                              "sample_rate")}
-    versions = [version(p) for p in ("torch", "onnxscript", "onnx")]
+    versions = [version(p) for p in ("torch", "onnxscript", "onnx", "onnx-ir")]
     digest.update(json.dumps([arch, shapes, versions], sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 
@@ -158,15 +162,6 @@ def _with_weights(template: onnx.ModelProto, model: "CacaraModel") -> onnx.Model
     return out
 
 
-def write_onnx_export(model: "CacaraModel", directory: str | Path) -> str:
-    """Write ``audio_branch.onnx`` into a model folder atomically; returns its sha256."""
-    from model.weights_cache import atomic_write_bytes
-
-    data = export_audio_branch(model)
-    atomic_write_bytes(Path(directory) / ONNX_FILE, data)
-    return hashlib.sha256(data).hexdigest()
-
-
 def attach_onnx_export(model_dir: str | Path) -> str | None:
     """Export a saved model's audio branch into its folder and record the sha256 in its config.json.
 
@@ -179,14 +174,21 @@ def attach_onnx_export(model_dir: str | Path) -> str | None:
     folder = Path(model_dir)
     config = json.loads((folder / CONFIG).read_text())
     path = folder / ONNX_FILE
-    if config.get(ONNX_SHA_KEY) and path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == config[ONNX_SHA_KEY]:
-        return config[ONNX_SHA_KEY]
     model = load_model(folder)
     if not model.encoder.onnx_exportable:
         log.info("%s does not export to ONNX: %s gets no %s", model.encoder.name, folder, ONNX_FILE)
         return None
-    sha = write_onnx_export(model, folder)
-    config[ONNX_SHA_KEY] = sha
+    key = template_key(model)
+    if (config.get(ONNX_SHA_KEY) and config.get(ONNX_KEY) == key and path.exists()
+            and hashlib.sha256(path.read_bytes()).hexdigest() == config[ONNX_SHA_KEY]):
+        return config[ONNX_SHA_KEY]  # exported by this code from these weights already
+    data = export_audio_branch(model)
+    check_export(model, data)
+    from model.weights_cache import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+    sha = hashlib.sha256(data).hexdigest()
+    config[ONNX_SHA_KEY], config[ONNX_KEY] = sha, key
     tmp = folder / (CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=1, default=float))
     tmp.replace(folder / CONFIG)
@@ -194,15 +196,49 @@ def attach_onnx_export(model_dir: str | Path) -> str | None:
     return sha
 
 
+#: The graph a model's export was made from (its template key), beside the export's sha256 in config.json:
+#: an export made by other code (an edited frontend, a new exporter) is made again, not kept.
+ONNX_KEY = "onnx_template_key"
+#: How far the export may be from the modules on a synthetic clip before it is refused (measured 5e-6).
+EXPORT_CHECK_TOL = 1e-3
+
+
+def check_export(model: "CacaraModel", data: bytes) -> None:
+    """Run the export and the modules on one synthetic clip: a template whose swapped weights missed a
+    tensor (or a broken exporter) would give another network, and must not be published."""
+    t = np.arange(3 * model.sample_rate, dtype=np.float32) / model.sample_rate
+    clip = [(0.3 * np.sin(2 * np.pi * 440 * t) * np.exp(-t)).astype(np.float32)]
+    got = OnnxAudioEmbedder(data, model.sample_rate).embed(clip)
+    want = TorchAudioEmbedder(model).embed(clip)
+    worst = float(np.abs(got - want).max())
+    if not worst < EXPORT_CHECK_TOL:
+        raise RuntimeError(f"the ONNX export differs from the PyTorch modules by {worst:.2e} (limit "
+                           f"{EXPORT_CHECK_TOL}): delete the cached templates under the weights folder and retry")
+
+
+def _cgroup_cpus() -> int | None:
+    """The container's CPU limit from cgroup v2 (``cpu.max``: quota and period), when there is one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
 def inference_threads() -> int:
-    """``OMP_NUM_THREADS`` where set (containers set it to their CPU limit), else the CPUs this process may use."""
+    """``OMP_NUM_THREADS`` where set, else the container's CPU limit (cgroup), else the CPUs this process
+    may use: a pod limited to 2 CPUs on a 64-core node must not start 64 threads."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return len(os.sched_getaffinity(0))
+        visible = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
-        return os.cpu_count() or 1
+        visible = os.cpu_count() or 1
+    limit = _cgroup_cpus()
+    return min(visible, limit) if limit else visible
 
 
 class AudioEmbedder(Protocol):

@@ -85,7 +85,7 @@ def test_embed_audio_contract_any_format_rate_and_channels(trained, tmp_path):
     assert float(np.abs(emb - reference).max()) < 5e-5
     alone = _cli("embed-audio", "--model", model, "--out", str(tmp_path / "dog.npy"), str(ogg))
     assert alone.returncode == 0, alone.stderr[-2000:]
-    assert float(np.abs(np.load(tmp_path / "dog.npy")[0] - emb[2]).max()) < 1e-6, "batch-mates change only rounding"
+    assert float(np.abs(np.load(tmp_path / "dog.npy")[0] - emb[2]).max()) < 1e-5, "batch-mates change only rounding"
 
 
 def test_embed_text_contract(trained, tmp_path):

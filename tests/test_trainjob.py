@@ -60,12 +60,26 @@ class FakeTrainer:
     """Answers like the Kubernetes API with the Trainer controller behind it: a TrainJob is created,
     reads back without conditions for ``running_polls`` polls, then with ``outcome``."""
 
-    def __init__(self, outcome: str | None = "Complete", running_polls: int = 2, create_status: int = 201):
+    def __init__(self, outcome: str | None = "Complete", running_polls: int = 2, create_status: int = 201,
+                 runtime_status: int = 200, flaky_polls: int = 0):
         self.outcome, self.running_polls, self.create_status = outcome, running_polls, create_status
+        self.runtime_status, self.flaky_polls = runtime_status, flaky_polls
         self.created: dict | None = None
+        self.deleted: list[str] = []
         self.polls = 0
 
     def __call__(self, request):
+        if request.method == "GET" and request.path == f"/apis/{GROUP}/{VERSION}/clustertrainingruntimes/torch-distributed":
+            if self.runtime_status != 200:
+                return Answer(self.runtime_status, {"kind": "Status", "reason": "NotFound",
+                                                    "message": 'clustertrainingruntimes "torch-distributed" not found'})
+            return Answer(200, {"kind": "ClusterTrainingRuntime", "metadata": {"name": "torch-distributed"}})
+        if request.method == "DELETE" and request.path.startswith(f"{TRAINJOBS}/"):
+            self.deleted.append(request.path.rsplit("/", 1)[1])
+            return Answer(200, {"kind": "Status", "status": "Success"})
+        if request.method == "GET" and request.path == f"{TRAINJOBS}/cacara-abc" and self.created and self.flaky_polls:
+            self.flaky_polls -= 1
+            return Answer(503, {"kind": "Status", "message": "etcd leader changed"})
         if request.method == "POST" and request.path == TRAINJOBS:
             if self.create_status >= 400:
                 return Answer(self.create_status, {"kind": "Status", "status": "Failure", "reason": "Forbidden",
@@ -90,13 +104,31 @@ def test_submit_creates_the_trainjob_and_waits_for_it_to_complete():
         job = submit_and_wait(trainjob_body(SPEC), timeout_s=60, poll_s=0.01, client=_client(server.url))
     assert api.created == trainjob_body(SPEC)  # the API received exactly the validated body
     assert job["status"]["conditions"][0]["type"] == "Complete" and api.polls == 3
-    assert [r.method for r in server.requests] == ["POST", "GET", "GET", "GET"]
+    assert [r.method for r in server.requests] == ["GET", "POST", "GET", "GET", "GET"]  # runtime checked first
+    assert api.deleted == [], "a completed job is left for its logs"
+
+
+def test_transient_answers_while_polling_are_retried():
+    api = FakeTrainer("Complete", running_polls=0, flaky_polls=2)
+    with Loopback(api) as server:
+        job = submit_and_wait(trainjob_body(SPEC), timeout_s=60, poll_s=0.01, client=_client(server.url))
+    assert job["status"]["conditions"][0]["type"] == "Complete"
+
+
+def test_a_missing_runtime_is_named_before_anything_is_submitted():
+    api = FakeTrainer(runtime_status=404)
+    with Loopback(api) as server:
+        with pytest.raises(TrainJobError, match="ClusterTrainingRuntime 'torch-distributed' is not available.*404"):
+            submit_and_wait(trainjob_body(SPEC), timeout_s=60, poll_s=0.01, client=_client(server.url))
+    assert api.created is None
 
 
 def test_a_failed_trainjob_fails_the_step_with_its_message():
-    with Loopback(FakeTrainer("Failed", running_polls=0)) as server:
+    api = FakeTrainer("Failed", running_polls=0)
+    with Loopback(api) as server:
         with pytest.raises(TrainJobError, match="team-audio/cacara-abc failed: node-0 exited with code 1: CUDA OOM"):
             submit_and_wait(trainjob_body(SPEC), timeout_s=60, poll_s=0.01, client=_client(server.url))
+    assert api.deleted == ["cacara-abc"], "a failed job's nodes must not keep their GPUs"
 
 
 def test_a_refused_submission_says_why():
@@ -107,10 +139,12 @@ def test_a_refused_submission_says_why():
 
 def test_the_wait_is_bounded():
     ticks = iter(range(0, 10_000, 50))
-    with Loopback(FakeTrainer(None)) as server:
-        with pytest.raises(TrainJobError, match="did not finish within 120 s.*left running"):
+    api = FakeTrainer(None)
+    with Loopback(api) as server:
+        with pytest.raises(TrainJobError, match="did not finish within 120 s.*it was deleted"):
             submit_and_wait(trainjob_body(SPEC), timeout_s=120, poll_s=0.0, client=_client(server.url),
                             clock=lambda: next(ticks))
+    assert api.deleted == ["cacara-abc"]
 
 
 def test_an_unreachable_api_is_reported():
@@ -135,6 +169,8 @@ class LocalTrainer(FakeTrainer):
         from tests.loopback import closed_port
 
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}"
+        if request.method == "GET" and "/clustertrainingruntimes/" in request.path:
+            return Answer(200, {"kind": "ClusterTrainingRuntime", "metadata": {"name": request.path.rsplit("/", 1)[1]}})
         if request.method == "POST" and request.path == path:
             self.created = request.json()
             trainer = self.created["spec"]["trainer"]
@@ -208,9 +244,11 @@ def test_multi_node_train_task_runs_a_trainjob_and_publishes_its_model(tiny_corp
     published = load_model(tmp_path / "model")
     assert published.config["text_encoder"] == p["model"]["text_encoder"]
     assert model.metadata["data_md5"] == "md5-of-the-data" and model.metadata["onnx_sha256"]
-    history = (next(shared.glob("cacara-*")) / "out" / "history.csv").read_text().splitlines()
+    history = (tmp_path / "model" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3  # epochs 0..2, written once by rank 0
     assert "val_en_t2a_R@1" in metrics.metadata
+    assert job["spec"]["activeDeadlineSeconds"] == cluster["trainjob_timeout_s"]
+    assert list(shared.iterdir()) == [], "the run's folder on the shared volume is removed after publishing"
 
 
 @pytest.mark.slow

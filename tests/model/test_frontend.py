@@ -108,3 +108,14 @@ def test_convolution_dft_is_the_fft_magnitude(clips):
     assert float((ours - reference).abs().max()) < 1e-4  # float32 sums of 400 products vs a float64 FFT
     used = (full_mel > 0).any(dim=1)
     assert frontend.mel_matrix.shape == (int(used.sum()), P.mel_bands) and int(used.sum()) < full_mel.shape[0]
+
+
+def test_features_stay_float32_under_bf16_autocast(clips):
+    """CUDA training runs under bf16 autocast; the frontend must give it the features inference sees."""
+    frontend = YamnetFrontend()
+    wave = torch.from_numpy(clips["cymbal"]).unsqueeze(0)
+    plain = frontend.log_mel(wave)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        autocast = frontend.log_mel(wave)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(plain, autocast)
