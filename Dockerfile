@@ -21,7 +21,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DVC_NO_ANALYTICS=1 \
     BENTOML_DO_NOT_TRACK=true \
     CACARA_WEIGHTS_DIR=/opt/cacara/weights \
-    CACARA_PARAMS=/opt/cacara/params.yaml
+    CACARA_PARAMS=/opt/cacara/params.yaml \
+    CACARA_REQUIREMENTS=/opt/cacara/src/requirements.lock
 
 WORKDIR /opt/cacara/src
 COPY pyproject.toml requirements.lock README.md ./
@@ -38,4 +39,6 @@ COPY data/ /opt/cacara/data/
 
 USER ${UID}
 WORKDIR /home/cacara
+# The service (k8s/base/serving): bentoml serve cacara.service:CacaraSearch --port 3000
+EXPOSE 3000
 CMD ["cacara", "--help"]

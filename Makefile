@@ -13,11 +13,12 @@ export BENTOML_HOME := $(CURDIR)/work/bentoml
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export CACARA_WEIGHTS_DIR := $(CURDIR)/work/weights
 
-.PHONY: setup data run test repro summary clean help image image-cuda
+.PHONY: setup data run test repro summary clean help image image-cuda serve browser
 
 help:
 	@echo "make run   - set up, restore the demo corpus (dvc pull), run the pipeline (dvc repro), print results"
 	@echo "make test  - set up, restore the demo corpus, run the test suite"
+	@echo "make serve - serve the last packaged model on 127.0.0.1:PORT (default 3000; make serve PORT=8080)"
 	@echo "make image - build the CPU image with buildah (make image-cuda: the CUDA image for training)"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -40,8 +41,19 @@ summary: setup
 
 run: repro summary
 
-test: data
+test: data browser
 	$(BIN)/python -m pytest
+
+# The search page test drives Debian's chromium through playwright (no browser is downloaded).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "chromium is missing (sudo apt-get install chromium): the search page test will be skipped"
+
+# The model and Bento the last `make run` packaged (work/package/package.json), on loopback.
+PORT ?= 3000
+serve: setup
+	$(BIN)/cacara serve --port $(PORT)
 
 # Images: buildah on a base made from Debian's packages (no registry needed); see scripts/build_image.sh.
 image: data

@@ -115,11 +115,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from cacara.config import IndexConfig
+    from components.index import build_index
+
+    print(build_index(args.dataset, args.model, args.out, IndexConfig.from_params(_params(args)),
+                      previous=args.previous).summary())
+    return 0
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from cacara.config import PackageConfig
+    from components.package import package
+    from pipelines.training import data_md5
+
+    md5 = args.data_md5 or ""
+    if not md5 and args.data_dvc:
+        if Path(args.data_dvc).exists():
+            md5 = data_md5(args.data_dvc)
+        else:  # your own data, not tracked by that file: the model is packaged without a data hash
+            logging.getLogger(__name__).warning("%s not found: no data md5 is recorded with the model", args.data_dvc)
+    print(package(args.model, args.index, args.out, PackageConfig.from_params(_params(args)),
+                  metrics=args.metrics, data_md5=md5).summary())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The Bento the package step built, served by ``bentoml serve`` in place of this process."""
+    import shutil
+
+    from components.package import MODEL_ENV, RECORD
+
+    record_file = Path(args.package) / RECORD
+    if not record_file.exists():
+        raise FileNotFoundError(f"{record_file} is missing: package a model first (`make run` or `cacara package`)")
+    record = json.loads(record_file.read_text())
+    bentoml = shutil.which("bentoml") or str(Path(sys.executable).parent / "bentoml")
+    argv = [bentoml, "serve", record["bento_tag"], "--host", args.host, "--port", str(args.port)]
+    print(f"serving {record['model_tag']} (Bento {record['bento_tag']}) on http://{args.host}:{args.port}/", flush=True)
+    os.execve(bentoml, argv, {**os.environ, MODEL_ENV: record["model_tag"]})
+    return 0  # not reached
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The Kubeflow pipeline: compile it, run it in kfp.local, or submit it to a cluster."""
     from pipelines import training
 
     params = _params(args)
+    if args.source and args.data_md5 is None and args.action != "compile":
+        # The md5 keys kfp's cache to the data: the demo's would let a changed source reuse stale results.
+        raise ValueError("--source needs --data-md5 (the md5 your .dvc file records for that data)")
     md5 = args.data_md5 if args.data_md5 is not None else training.data_md5(REPO_ROOT / "data.dvc")
     if args.action == "compile":
         print(training.compile_pipeline(params, args.out or training.COMPILED, md5))
@@ -190,6 +235,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "embed-audio": (cmd_embed_audio, "audio files -> (N, D) float32 .npy of L2-normalised embeddings"),
     "embed-text": (cmd_embed_text, "texts (any language) -> (N, D) float32 .npy in the same space"),
     "summary": (cmd_summary, "print the results of the last run"),
+    "index": (cmd_index, "a dataset's clips embedded by a model, in a faiss index the service searches"),
+    "package": (cmd_package, "quality gate, then the model and index into the BentoML store and a Bento"),
+    "serve": (cmd_serve, "serve the last packaged model and its search page (bentoml serve) on loopback"),
     "pipeline": (cmd_pipeline, "the Kubeflow pipeline: compile | run-local | submit"),
 }
 
@@ -257,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language code of the texts (de, pt-BR, ...): centres them by that language's mean; "
                         "without it the overall mean is used")
     p.add_argument("texts", nargs="*", metavar="TEXT")
+    p = add("index")
+    p.add_argument("--dataset", default="work/dataset")
+    p.add_argument("--model", default="work/train/model")
+    p.add_argument("--out", default="work/index")
+    p.add_argument("--previous", default=None, help="an earlier index whose unchanged clips keep their vectors")
+    p = add("package")
+    p.add_argument("--model", default="work/train/model")
+    p.add_argument("--index", default="work/index")
+    p.add_argument("--metrics", default=None, help="the evaluate step's metrics.json, recorded with the model")
+    p.add_argument("--data-md5", default=None, help="the dataset's DVC md5, recorded with the model")
+    p.add_argument("--data-dvc", default=None, help="or the .dvc file that records it")
+    p.add_argument("--out", default="work/package")
+    p = add("serve")
+    p.add_argument("--package", default="work/package", help="the package step's output (its package.json)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
     p = add("pipeline")
     p.add_argument("action", choices=["compile", "run-local", "submit"])
     p.add_argument("--out", default=None, help="compile: where to write the YAML (default pipelines/training.yaml)")

@@ -95,6 +95,9 @@ class ValidateSection(Section):
         both = sorted(set(self.critical) & set(self.warning))
         if both:
             raise ValueError(f"checks listed as both critical and warning: {both}")
+        if self.caption_min_chars > self.caption_max_chars:
+            raise ValueError(f"caption_min_chars ({self.caption_min_chars}) is above caption_max_chars "
+                             f"({self.caption_max_chars})")
         return self
 
 
@@ -146,6 +149,31 @@ class EvaluateSection(Section):
     bootstrap_confidence: float = Field(gt=0, lt=1)
 
 
+class IndexSection(Section):
+    exact_below: int = Field(ge=0)
+    hnsw_m: int = Field(ge=4, le=256)
+    hnsw_ef_construction: int = Field(ge=8, le=4096)
+    hnsw_ef_search: int = Field(ge=1, le=4096)
+    include_audio: bool
+
+
+class PackageSection(Section):
+    model_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$", max_length=63)
+    min_val_gain: float = Field(ge=-100, le=100)
+
+
+class ServeSection(Section):
+    max_upload_bytes: int = Field(ge=1024, le=2**31)
+    max_audio_seconds: float = Field(gt=0, le=3600)
+    max_texts: int = Field(ge=1, le=10000)
+    max_text_chars: int = Field(ge=1, le=100000)
+    max_k: int = Field(ge=1, le=10000)
+    max_batch_size: int = Field(ge=1, le=4096)
+    max_latency_ms: int = Field(ge=1, le=600000)
+    timeout_s: int = Field(ge=1, le=3600)
+    max_concurrency: int = Field(ge=1, le=100000)
+
+
 class Toleration(Section):
     key: str | None = None
     operator: Literal["Equal", "Exists"] = "Equal"
@@ -189,6 +217,9 @@ class Params(Section):
     embed_text: EmbedTextSection
     train: TrainSection
     evaluate: EvaluateSection
+    index: IndexSection
+    package: PackageSection
+    serve: ServeSection
     cluster: ClusterSection
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
@@ -317,14 +348,12 @@ class ValidateConfig(StepConfig):
 class EmbedTextConfig(StepConfig):
     PARAMS = {"text_encoder": "model.text_encoder", "audio_encoder": "model.audio_encoder", "init": "model.init",
               "class_prompt": "model.class_prompt", "extra_encoders": "embed_text.extra_encoders",
-              "english_only_contrast": "evaluate.english_only_contrast",
               "english_only_text_encoder": "evaluate.english_only_text_encoder"}
     text_encoder: str = Field(min_length=1)
     audio_encoder: str = Field(min_length=1)
     init: Literal["text_centric", "random"]
     class_prompt: str = Field(pattern=r"\{\}")
     extra_encoders: list[str]
-    english_only_contrast: bool
     english_only_text_encoder: str = Field(min_length=1)
 
 
@@ -347,9 +376,21 @@ class EvaluateConfig(StepConfig):
     training_language: str = Field(pattern=LANGUAGE_CODE)
 
 
+class IndexConfig(StepConfig):
+    PARAMS = {"index": "index"}
+    index: IndexSection
+
+
+class PackageConfig(StepConfig):
+    PARAMS = {"package": "package", "serve": "serve", "select_metric": "train.select_metric"}
+    package: PackageSection
+    serve: ServeSection
+    select_metric: Literal["mean_R@1", "t2a_R@1", "a2t_R@1", "t2a_R@5"]
+
+
 STEP_CONFIGS: dict[str, type[StepConfig]] = {
     "ingest": IngestConfig, "validate": ValidateConfig, "embed_text": EmbedTextConfig, "train": TrainConfig,
-    "evaluate": EvaluateConfig,
+    "evaluate": EvaluateConfig, "index": IndexConfig, "package": PackageConfig,
 }
 
 

@@ -1,8 +1,9 @@
 """The kfp v2 components: one per pipeline step, each a thin shell over the step function dvc runs.
 
 Every component is a lightweight Python component whose ``base_image`` is the project's own image
-(``cluster.image`` or, for training, ``cluster.cuda_image`` in params.yaml): the same definitions run in
-``kfp.local`` here (the SubprocessRunner executes the body in this environment) and on a cluster. A
+(``cluster.image`` or, for training, ``cluster.cuda_image``, given to :func:`build` when the pipeline is
+compiled): the same definitions run in ``kfp.local`` here (the SubprocessRunner executes the body in
+this environment) and on a cluster. A
 body hands its ``locals()`` to components/tasks.py, which builds the step's typed config from the flat
 parameters: a component's parameters are exactly its step's settings (tests/test_kfp_components.py
 checks them against cacara/config.py) plus its artifacts and the dataset's DVC md5, which keys kfp's
@@ -15,19 +16,12 @@ modules) never do, since inside a running component kfp exposes only its runtime
 # No `from __future__ import annotations`: kfp reads the annotations as types, not strings.
 from typing import List, Optional
 
+from types import SimpleNamespace
+
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from cacara.config import validate_params
-from cacara.params import load_params
 
-_CLUSTER = validate_params(load_params()).cluster
-#: Every task except training runs in the CPU image; training in the CUDA one.
-IMAGE = _CLUSTER.image
-CUDA_IMAGE = _CLUSTER.cuda_image
-
-
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def shard_indices(num_shards: int) -> List[int]:
     """0 .. num_shards - 1: what ingest fans out over."""
     from components.tasks import shard_indices as indices
@@ -35,14 +29,12 @@ def shard_indices(num_shards: int) -> List[int]:
     return indices(num_shards)
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def launcher_gpus(train_nodes: int, train_gpus: int) -> int:
     """GPUs the train task's own pod requests: its GPUs on one node, none when it only launches a
     multi-node TrainJob (the TrainJob's nodes request theirs)."""
     return train_gpus if train_nodes == 1 else 0
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest_shard(
     dataset: Output[Dataset], source_uri: str, data_md5: str, shard: int, num_shards: int,
     data_format: str, audio_sample_rate: int, audio_min_duration_s: float, audio_max_duration_s: float,
@@ -56,7 +48,6 @@ def ingest_shard(
     ingest_task(dict(locals()))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def merge_shards(
     shards: Input[List[Dataset]], dataset: Output[Dataset], data_md5: str,
     data_format: str, audio_sample_rate: int, audio_min_duration_s: float, audio_max_duration_s: float,
@@ -70,7 +61,6 @@ def merge_shards(
     merge_task(dict(locals()))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate_dataset(
     dataset: Input[Dataset], reports: Output[Artifact], report: Output[HTML], data_md5: str,
     validate_caption_min_chars: int, validate_caption_max_chars: int, validate_min_rms_dbfs: float,
@@ -86,12 +76,10 @@ def validate_dataset(
     validate_task(dict(locals()))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def embed_text(
     dataset: Input[Dataset], text_emb: Output[Artifact], data_md5: str,
     model_text_encoder: str, model_audio_encoder: str, model_init: str, model_class_prompt: str,
-    embed_text_extra_encoders: list, evaluate_english_only_contrast: bool,
-    evaluate_english_only_text_encoder: str,
+    embed_text_extra_encoders: list, evaluate_english_only_text_encoder: str,
 ):
     """Every caption and class prompt through each frozen tower once."""
     from components.tasks import embed_text_task
@@ -99,7 +87,6 @@ def embed_text(
     embed_text_task(dict(locals()))
 
 
-@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def train(
     dataset: Input[Dataset], text_emb: Input[Artifact], model: Output[Model], metrics: Output[Metrics],
     data_md5: str, text_encoder: str, train_nodes: int, train_gpus: int, pod_gpus: int,
@@ -122,7 +109,6 @@ def train(
     train_task(dict(locals()))
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
     dataset: Input[Dataset], text_emb: Input[Artifact], model: Input[Model], reports: Output[Artifact],
     report: Output[HTML], summary: Output[Markdown], metrics: Output[Metrics], data_md5: str,
@@ -138,3 +124,31 @@ def evaluate(
     from components.tasks import evaluate_task
 
     evaluate_task(dict(locals()))
+
+
+def package_model(
+    dataset: Input[Dataset], model: Input[Model], reports: Input[Artifact], index: Output[Artifact],
+    bento: Output[Model], data_md5: str, index_exact_below: int, index_hnsw_m: int, index_hnsw_ef_construction: int,
+    index_hnsw_ef_search: int, index_include_audio: bool, package_model_name: str, package_min_val_gain: float,
+    serve_max_upload_bytes: int, serve_max_audio_seconds: float, serve_max_texts: int, serve_max_text_chars: int,
+    serve_max_k: int, serve_max_batch_size: int, serve_max_latency_ms: int, serve_timeout_s: int,
+    serve_max_concurrency: int, train_select_metric: str,
+):
+    """The dataset's index, then the quality gate: a model that passes leaves as a BentoML model archive
+    and a Bento (the ``bento`` artifact); one that fails stops the run with the figures."""
+    from components.tasks import package_task
+
+    package_task(dict(locals()))
+
+
+#: Every task runs in the CPU image except training, which runs in the CUDA one.
+_CPU = (shard_indices, launcher_gpus, ingest_shard, merge_shards, validate_dataset, embed_text, evaluate,
+        package_model)
+_CUDA = (train,)
+
+
+def build(image: str, cuda_image: str) -> SimpleNamespace:
+    """The components with their images; the bodies above are their source, run inside the image."""
+    made = {f.__name__: dsl.component(base_image=image, install_kfp_package=False)(f) for f in _CPU}
+    made.update({f.__name__: dsl.component(base_image=cuda_image, install_kfp_package=False)(f) for f in _CUDA})
+    return SimpleNamespace(**made)

@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cacara.config import EmbedTextConfig, EvaluateConfig, IngestConfig, TrainConfig, ValidateConfig
+from cacara.config import (EmbedTextConfig, EvaluateConfig, IndexConfig, IngestConfig, PackageConfig, TrainConfig,
+                           ValidateConfig)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ def train_task(values: dict[str, Any]) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="cacara-train-"))
     if nodes > 1:
         out = _train_on_trainjob(values, config, tower, dataset, text_emb)
+        try:
+            _publish_model(out, values["model"], values["metrics"], values["data_md5"])
+        finally:
+            shutil.rmtree(out.parent, ignore_errors=True)  # the run's folder on the shared volume
+        return
     elif gpus > 1:
         out = scratch / "out"
         config_file = scratch / "train_config.json"
@@ -160,7 +166,8 @@ def _train_on_trainjob(values: dict[str, Any], config: TrainConfig, tower: str, 
         cpu=values["cluster_train_cpu"], memory=values["cluster_train_memory"], runtime=values["cluster_trainer_runtime"],
         node_selector=values["cluster_gpu_node_selector"] or {}, tolerations=values["cluster_gpu_tolerations"] or [],
         pvc=values["cluster_shared_pvc"], mount_path=SHARED_MOUNT,
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        deadline_s=int(values["cluster_trainjob_timeout_s"]))  # Trainer stops the nodes even if this pod dies
     submit_and_wait(trainjob_body(spec), timeout_s=float(values["cluster_trainjob_timeout_s"]))
     return shared / "out"
 
@@ -205,3 +212,29 @@ def evaluate_task(values: dict[str, Any]) -> None:
             metrics.log_metric(key, checks[key])
     values["reports"].metadata.update({"data_md5": values["data_md5"], "systems": result.systems,
                                        "checks": {k: v for k, v in checks.items() if not isinstance(v, list)}})
+
+
+def package_task(values: dict[str, Any]) -> None:
+    """The index of the dataset, then the quality gate and the Bento; the model store lives in the task's
+    own folder (a pod's disk goes with it), so what leaves the task is the ``bento`` artifact: the model
+    store entry and the Bento as archives that `bentoml models import` / `bentoml import` take from
+    object storage, with package.json (tags, gate, sha256) beside them."""
+    _setup_logging()
+    store = Path(tempfile.mkdtemp(prefix="cacara-bentoml-"))
+    os.environ["BENTOML_HOME"] = str(store)  # before bentoml is imported: it reads its home once
+    from components.index import build_index
+    from components.package import package
+
+    index, bento = values["index"], values["bento"]
+    try:
+        built = build_index(values["dataset"].path, values["model"].path, index.path, IndexConfig.from_leaves(values))
+        index.metadata.update({"clips": built.count, "kind": built.kind, "data_md5": values["data_md5"]})
+        metrics = Path(values["reports"].path) / "metrics.json"
+        result = package(values["model"].path, index.path, bento.path, PackageConfig.from_leaves(values),
+                         metrics=metrics if metrics.exists() else None, data_md5=values["data_md5"],
+                         export=True)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    bento.metadata.update({"model_tag": result.model_tag, "bento_tag": result.bento_tag, "data_md5": values["data_md5"],
+                           "gain": round(result.gate["gain"], 3), "untrained": round(result.gate["untrained"], 3),
+                           "selected": round(result.gate["selected"], 3)})

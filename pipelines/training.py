@@ -1,4 +1,4 @@
-"""The training pipeline: ingest (sharded) -> validate -> embed_text -> train -> evaluate, on Kubeflow.
+"""The training pipeline: ingest (sharded) -> validate -> embed_text -> train -> evaluate -> package, on Kubeflow.
 
 Its parameters mirror params.yaml: one per value a step reads (``train_epochs`` is ``train.epochs``),
 built from the typed configs (cacara/config.py), with params.yaml's values as defaults; plus the
@@ -19,8 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from cacara.config import (STEP_CONFIGS, ClusterSection, EmbedTextConfig, EvaluateConfig, IngestConfig,
-                           TrainConfig, ValidateConfig, flat_params, validate_params)
+from cacara.config import (STEP_CONFIGS, ClusterSection, EmbedTextConfig, EvaluateConfig, IndexConfig,
+                           IngestConfig, PackageConfig, TrainConfig, ValidateConfig, flat_params, validate_params)
 
 PIPELINE_NAME = "cacara-training"
 COMPILED = Path(__file__).resolve().parent / "training.yaml"
@@ -91,8 +91,8 @@ def build_pipeline(params: Mapping[str, Any], md5: str = ""):
     body.__name__ = body.__qualname__ = PIPELINE_NAME.replace("-", "_")
     return dsl.pipeline(name=PIPELINE_NAME, description=(
         "CACARA: the audio branch trained on English captions against a frozen multilingual text tower; "
-        "ingest, validate, caption embedding, training (GPU, multi-node via Kubeflow Trainer) and "
-        "multilingual evaluation."))(body)
+        "ingest, validate, caption embedding, training (GPU, multi-node via Kubeflow Trainer), "
+        "multilingual evaluation, and packaging for BentoML behind a quality gate."))(body)
 
 
 def _settings(values: Mapping[str, Any], config) -> dict[str, Any]:
@@ -122,9 +122,7 @@ def _train(values: Mapping[str, Any], cluster: ClusterSection, dataset, text_emb
     trains on, or 0 when it only launches a multi-node TrainJob, whose nodes hold the GPUs."""
     from kfp import kubernetes
 
-    from components.kfp_components import train
-
-    task = train(dataset=dataset, text_emb=text_emb, data_md5=values["data_md5"], text_encoder=tower,
+    task = _components(cluster).train(dataset=dataset, text_emb=text_emb, data_md5=values["data_md5"], text_encoder=tower,
                  train_nodes=values["train_nodes"], train_gpus=values["train_gpus"], pod_gpus=gpus,
                  cluster_namespace=cluster.namespace, cluster_cuda_image=cluster.cuda_image,
                  cluster_train_cpu=cluster.train_cpu, cluster_train_memory=cluster.train_memory,
@@ -145,11 +143,16 @@ def _train(values: Mapping[str, Any], cluster: ClusterSection, dataset, text_emb
     return task
 
 
+def _components(cluster: ClusterSection):
+    from components import kfp_components
+
+    return kfp_components.build(cluster.image, cluster.cuda_image)
+
+
 def _graph(values: Mapping[str, Any], cluster: ClusterSection) -> None:
     from kfp import dsl
 
-    from components import kfp_components as c
-
+    c = _components(cluster)
     md5 = values["data_md5"]
     shards = _cpu_task(c.shard_indices(num_shards=values["ingest_shards"]), cluster)
     with dsl.ParallelFor(shards.output, name="ingest-shards") as shard:
@@ -170,9 +173,19 @@ def _graph(values: Mapping[str, Any], cluster: ClusterSection) -> None:
     with dsl.If(values["evaluate_english_only_contrast"] == True, name="with-english-only-contrast"):  # noqa: E712
         english = _train(values, cluster, dataset, text_emb, values["evaluate_english_only_text_encoder"],
                          gpus.output).set_display_name("train-english-only")
-        _cpu_task(c.evaluate(model=model, english_only_model=english.outputs["model"], **common), cluster)
+        evaluated = _cpu_task(c.evaluate(model=model, english_only_model=english.outputs["model"], **common), cluster)
+        _package(values, cluster, dataset, model, evaluated)
     with dsl.Else(name="without-contrast"):
-        _cpu_task(c.evaluate(model=model, **common), cluster)
+        evaluated = _cpu_task(c.evaluate(model=model, **common), cluster)
+        _package(values, cluster, dataset, model, evaluated)
+
+
+def _package(values: Mapping[str, Any], cluster: ClusterSection, dataset, model, evaluated) -> None:
+    """After evaluation, with its metrics; the quality gate decides whether anything is packaged. (One
+    call per branch: kfp.local cannot resolve a ``dsl.OneOf`` of the branches' outputs.)"""
+    _cpu_task(_components(cluster).package_model(
+        dataset=dataset, model=model, reports=evaluated.outputs["reports"], data_md5=values["data_md5"],
+        **_settings(values, IndexConfig), **_settings(values, PackageConfig)), cluster)
 
 
 def compile_pipeline(params: Mapping[str, Any], out: str | Path = COMPILED, md5: str = "") -> Path:

@@ -34,6 +34,7 @@ COMPONENTS = {
                         "cluster_gpu_node_selector", "cluster_gpu_tolerations", "cluster_shared_pvc",
                         "cluster_trainjob_timeout_s"}),
     "evaluate": ("evaluate", {"data_md5"}),
+    "package_model": ("package", {"data_md5", *STEP_CONFIGS["index"].leaves()}),
 }
 
 
@@ -47,7 +48,7 @@ def test_component_parameters_are_exactly_its_steps_settings(name):
     from components import kfp_components
 
     config, extra = COMPONENTS[name]
-    spec = getattr(kfp_components, name).component_spec
+    spec = getattr(kfp_components.build("img", "cuda-img"), name).component_spec
     parameters = {k for k, v in spec.inputs.items() if not v.type.startswith("system.")}
     assert parameters - extra == set(STEP_CONFIGS[config].leaves()), name
     assert extra <= parameters
@@ -103,6 +104,15 @@ def test_train_tasks_request_gpus_cpu_memory_on_the_gpu_pool(compiled):
         assert platform[executor]["tolerations"] == cluster["gpu_tolerations"]
     assert _executor(compiled, "evaluate")["image"] == cluster["image"]
     assert "accelerator" not in _executor(compiled, "evaluate")["resources"]
+
+
+def test_images_come_from_the_settings_the_pipeline_is_compiled_with(tmp_path):
+    params = load_params(overrides={"cluster.image": "registry.example/team/cacara:9.9",
+                                    "cluster.cuda_image": "registry.example/team/cacara-cuda:9.9"})
+    spec = list(yaml.safe_load_all(training.compile_pipeline(params, tmp_path / "p.yaml").read_text()))
+    images = {e["container"]["image"] for e in spec[0]["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/team/cacara:9.9", "registry.example/team/cacara-cuda:9.9"}
+    assert _executor(spec, "train")["image"] == "registry.example/team/cacara-cuda:9.9"
 
 
 def test_remote_reads_retry_with_backoff_and_take_credentials_from_a_secret(compiled):
@@ -197,7 +207,8 @@ def test_submit_says_clearly_when_the_api_refuses_or_is_unreachable():
 
 LOCAL_OVERRIDES = {"model.text_encoder": "use-multilingual", "train.epochs": 2, "train.batch_size": 8,
                    "train.warmup_epochs": 1, "evaluate.chance_draws": 2, "evaluate.min_captions": 1,
-                   "evaluate.bootstrap_draws": 200, "validate.split_tolerance": 1.0}
+                   "evaluate.bootstrap_draws": 200, "validate.split_tolerance": 1.0,
+                   "package.min_val_gain": -100.0}  # two epochs on 14 clips: the gate is tested in test_package
 
 
 @pytest.mark.slow
@@ -229,6 +240,15 @@ def test_run_local_gives_the_metrics_dvc_repro_gives(tmp_path):
     assert json.loads(kfp_metrics[0].read_text()) == dvc_metrics
     assert (project / "work" / "dataset" / "manifest.jsonl").read_bytes() == \
         next((tmp_path / "kfp").glob("*/merge-shards/dataset/manifest.jsonl")).read_bytes()
+    # The package task leaves the model and the Bento as archives, recorded by sha256.
+    bento = next((tmp_path / "kfp").glob("*/package-model/bento"))
+    record = json.loads((bento / "package.json").read_text())
+    from model.weights_cache import sha256_file
+
+    assert record["archives"] == {n: sha256_file(bento / n) for n in ("model.bentomodel", "cacara.bento")}
+    assert record["data_md5"] == "subset" and record["quality_gate"]["min_gain"] == -100.0
+    dvc_record = json.loads((project / "work" / "package" / "package.json").read_text())
+    assert dvc_record["quality_gate"] == record["quality_gate"]
 
 
 def test_flat_parameters_cover_every_setting_a_step_reads():

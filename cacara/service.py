@@ -1,0 +1,213 @@
+"""The BentoML service: multilingual audio search over a packaged CACARA model.
+
+A thin HTTP shell over cacara/serving.py. The model comes from the BentoML model store
+(``$CACARA_BENTO_MODEL``, default the latest ``cacara-audio-search``), and so do the limits: they were
+recorded when the model was packaged, so a deployed Bento behaves as it was built.
+
+    POST /embed_text     {"texts": [...]}                 -> [[...], ...]       (adaptive batching)
+    POST /embed_audio    multipart audio=FILE               -> [...]             (adaptive batching)
+    POST /search         {"query": "...", "k": 5}          -> [{"clip_id", "caption", "score"}, ...]
+    POST /search_audio   multipart audio=FILE, k            -> the same, query by example
+    POST /classify       multipart audio=FILE, labels=[...] -> [{"label", "score", "probability"}, ...]
+    GET  /info, GET / (search page), GET /clips/{id}/audio, GET /docs (OpenAPI page)
+
+BentoML 1.4 has no request-body limit, so ``BodyLimit`` answers 413 before an oversized body is read
+(the ingress caps it too). The pickle content type is refused by BentoML itself on every endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from bentoml.validators import ContentType
+from pydantic import BaseModel, Field
+
+from cacara.config import ServeSection
+from cacara.serving import Batcher, RequestRefused, SearchEngine
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "CACARA_BENTO_MODEL"
+DEFAULT_MODEL = "cacara-audio-search:latest"
+MODEL_TAG = os.environ.get(MODEL_ENV, DEFAULT_MODEL)
+
+_stored = bentoml.models.get(MODEL_TAG)
+LIMITS = ServeSection.model_validate(_stored.info.metadata["serve"])
+
+Text = Annotated[str, Field(min_length=1, max_length=LIMITS.max_text_chars)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_texts)]
+K = Annotated[int, Field(ge=1, le=LIMITS.max_k)]
+Audio = Annotated[Path, ContentType("audio/*")]
+Language = Annotated[str, Field(pattern=r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]
+
+
+class SearchHit(BaseModel):
+    clip_id: str
+    caption: str
+    score: float
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+    probability: float
+
+
+class Refused(BentoMLException):
+    """RequestRefused as BentoML answers it: the status and the message."""
+
+    def __init__(self, exc: RequestRefused):
+        from http import HTTPStatus
+
+        super().__init__(str(exc), error_code=HTTPStatus(exc.status))
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body above the limit, by Content-Length before reading it, and by
+    counting for bodies sent without one (chunked)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send, f"request body of {length.decode(errors='replace')} bytes, above "
+                                            f"the limit of {self.max_bytes}")
+        seen, too_large, started = 0, False, False
+
+        async def counting_receive():
+            # Past the limit the app is told the client left, so it stops reading; its answer is
+            # dropped below and the 413 sent instead.
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_large = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if too_large:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await self._refuse(send, f"request body above the limit of {self.max_bytes} bytes")
+
+    @staticmethod
+    async def _refuse(send, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _page_app():
+    """The search page, the clips' audio (only clips of the index, by id) and /info, as a Starlette app
+    mounted at / (BentoML's own routes and APIs match first)."""
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    page = (Path(__file__).parent / "static" / "search.html").read_text(encoding="utf-8")
+
+    def engine() -> SearchEngine:
+        return bentoml.get_current_service().engine
+
+    async def index(_request):
+        return HTMLResponse(page)
+
+    async def info(_request):
+        return JSONResponse(engine().info())
+
+    async def clip_audio(request):
+        path = engine().index.audio_path(request.path_params["clip_id"])
+        if path is None:
+            return JSONResponse({"error": "no such clip in the index"}, status_code=404)
+        return FileResponse(path, media_type="audio/flac" if path.suffix == ".flac" else "audio/wav")
+
+    async def docs(_request):
+        import _bentoml_impl.server as bentoml_server
+
+        return FileResponse(Path(bentoml_server.__file__).parent / "main-openapi.html")
+
+    return Starlette(routes=[Route("/", index), Route("/info", info), Route("/docs", docs),
+                             Route("/clips/{clip_id:str}/audio", clip_audio)])
+
+
+def _refusing(fn):
+    """RequestRefused -> the HTTP status it names, with its message."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except RequestRefused as exc:
+            raise Refused(exc) from None
+
+    return wrapper
+
+
+@bentoml.asgi_app(_page_app(), path="/")
+@bentoml.service(name="cacara", traffic={"timeout": LIMITS.timeout_s, "max_concurrency": LIMITS.max_concurrency},
+                 resources={"cpu": "2"}, workers=1)
+class CacaraSearch:
+    packaged = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        self.engine = SearchEngine(self.packaged.path, LIMITS, name=str(_stored.tag))
+        self.audio_batches = Batcher(self.engine.embed_waves, LIMITS.max_batch_size)
+        log.info("serving %s: %d clips", MODEL_TAG, len(self.engine.index))
+
+    @bentoml.api(batchable=True, max_batch_size=LIMITS.max_batch_size, max_latency_ms=LIMITS.max_latency_ms)
+    @_refusing
+    def embed_text(self, texts: Texts) -> np.ndarray:
+        return self.engine.embed_texts(texts)
+
+    @bentoml.api
+    async def embed_audio(self, audio: Audio) -> np.ndarray:
+        try:
+            wave = await asyncio.to_thread(self.engine.decode_upload, audio)
+        except RequestRefused as exc:
+            raise Refused(exc) from None
+        return await self.audio_batches.submit(wave)
+
+    @bentoml.api
+    @_refusing
+    def search(self, query: Text, k: K = 5, language: Language | None = None) -> list[SearchHit]:
+        return [SearchHit(**h.to_json()) for h in self.engine.search_text(query, k, language)]
+
+    @bentoml.api
+    @_refusing
+    def search_audio(self, audio: Audio, k: K = 5) -> list[SearchHit]:
+        return [SearchHit(**h.to_json()) for h in self.engine.search_audio(self.engine.decode_upload(audio), k)]
+
+    @bentoml.api
+    @_refusing
+    def classify(self, audio: Audio, labels: Texts, language: Language | None = None) -> list[LabelScore]:
+        wave = self.engine.decode_upload(audio)
+        return [LabelScore(**row) for row in self.engine.classify(wave, labels, language)]
+
+
+CacaraSearch.add_asgi_middleware(BodyLimit, max_bytes=LIMITS.max_upload_bytes)

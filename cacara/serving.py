@@ -1,0 +1,197 @@
+"""What the BentoML service does, without BentoML: search an index in any language, by text or by example,
+classify zero-shot, embed; every limit checked with a message. cacara/service.py is the thin HTTP shell.
+
+One packaged model folder (the BentoML model store entry the package step writes) holds ``model/`` (the
+trained model and its ONNX export), ``index/`` (the vectors, faiss and the clips) and ``package.json``
+(provenance, the quality gate and the service limits, all recorded at packaging time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cacara import audio
+from cacara.config import ServeSection
+
+log = logging.getLogger(__name__)
+
+
+class RequestRefused(ValueError):
+    """A request the service will not serve; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Hit:
+    clip_id: str
+    caption: str
+    score: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clip_id": self.clip_id, "caption": self.caption, "score": round(self.score, 6)}
+
+
+class Batcher:
+    """Adaptive batching for requests that carry one item each (``embed_audio``: one upload, one vector).
+
+    BentoML batches an API whose argument is the batch (a list in, a list out), which fits
+    ``embed_text`` but not a contract of one file in, one vector out. Here each request queues its item;
+    one worker takes everything queued at that moment (up to ``max_batch_size``) and embeds it in a
+    thread, so an idle service answers at once and a busy one answers in batches as large as the
+    queue. Items are decoded and checked before they queue: a bad upload never fails a batch."""
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int):
+        self.fn, self.max_batch_size = fn, int(max_batch_size)
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self.batches: list[int] = []  # sizes of the last batches run, for tests and /info
+
+    async def submit(self, item: Any) -> Any:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]  # the client went away
+            if not batch:
+                continue
+            self.batches = (self.batches + [len(batch)])[-100:]
+            try:
+                rows = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+            except Exception as exc:  # every waiting request gets the error, the worker goes on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), row in zip(batch, rows):
+                if not fut.done():
+                    fut.set_result(row)
+
+
+class SearchEngine:
+    """A packaged model folder loaded once: the embedder, the index and the limits."""
+
+    def __init__(self, root: str | Path, limits: ServeSection, name: str = ""):
+        from cacara.embed import Embedder
+        from components.index import ClipIndex
+
+        self.root = Path(root)
+        self.name = name or self.root.name
+        self.limits = limits
+        self.record = json.loads((self.root / "package.json").read_text())
+        self.embedder = Embedder.load(self.root / "model")
+        self.index = ClipIndex(self.root / "index")
+        if self.index.record["dim"] != self.embedder.dim:
+            raise ValueError(f"index vectors are {self.index.record['dim']}-d, the model's {self.embedder.dim}-d")
+        self.training_language = str(json.loads((self.root / "model" / "config.json").read_text())
+                                     .get("params", {}).get("training_language", "en"))
+
+    # ---------------------------------------------------------------------------------------- inputs
+
+    def decode_upload(self, path: str | Path, name: str = "upload") -> np.ndarray:
+        """An uploaded file as 16 kHz mono, or RequestRefused: too large (413), not audio, too long (400)."""
+        size = Path(path).stat().st_size
+        if size > self.limits.max_upload_bytes:
+            raise RequestRefused(f"{name}: {size} bytes, above the limit of {self.limits.max_upload_bytes}", 413)
+        try:
+            decoded = audio.decode(path, self.embedder.sample_rate, max_bytes=self.limits.max_upload_bytes)
+        except audio.AudioError as exc:
+            raise RequestRefused(f"{name}: not usable audio ({exc.reason}: {exc.detail})") from None
+        if decoded.duration_s > self.limits.max_audio_seconds:
+            raise RequestRefused(f"{name}: {decoded.duration_s:.1f} s of audio, above the limit of "
+                                 f"{self.limits.max_audio_seconds:g} s")
+        return decoded.samples
+
+    def _k(self, k: int) -> int:
+        if not 1 <= int(k) <= self.limits.max_k:
+            raise RequestRefused(f"k must be between 1 and {self.limits.max_k}, got {k}")
+        return int(k)
+
+    def _texts(self, texts: Sequence[str], what: str) -> list[str]:
+        texts = list(texts)
+        if not texts:
+            raise RequestRefused(f"no {what} given")
+        if len(texts) > self.limits.max_texts:
+            raise RequestRefused(f"{len(texts)} {what}, above the limit of {self.limits.max_texts}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise RequestRefused(f"{what} {i} is empty")
+            if len(t) > self.limits.max_text_chars:
+                raise RequestRefused(f"{what} {i} has {len(t)} characters, above the limit of "
+                                     f"{self.limits.max_text_chars}")
+        return texts
+
+    # ------------------------------------------------------------------------------------ operations
+
+    def embed_texts(self, texts: Sequence[str], language: str | None = None) -> np.ndarray:
+        return self.embedder.embed_texts(self._texts(texts, "texts"), language)
+
+    def embed_waves(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        return self.embedder.embed_waveforms(list(waves))
+
+    def _hits(self, rows: list[tuple[int, float]], language: str | None) -> list[Hit]:
+        hits = []
+        for row, score in rows:
+            clip = self.index.clips[row]
+            captions = clip["captions"]
+            caption = (captions.get(language) or captions.get(self.training_language)
+                       or next(iter(captions.values()), [""]))[0]
+            hits.append(Hit(clip["clip_id"], caption, score))
+        return hits
+
+    def search_text(self, query: str, k: int, language: str | None = None) -> list[Hit]:
+        """Top-``k`` clips for a query in any language; ``language`` (optional) picks the caption shown."""
+        vector = self.embed_texts([query], language)
+        return self._hits(self.index.search(vector, self._k(k))[0], language)
+
+    def search_audio(self, wave: np.ndarray, k: int) -> list[Hit]:
+        """Query by example: the clips nearest an uploaded clip."""
+        return self._hits(self.index.search(self.embed_waves([wave]), self._k(k))[0], None)
+
+    def classify(self, wave: np.ndarray, labels: Sequence[str], language: str | None = None) -> list[dict[str, float]]:
+        """Zero-shot: each label's cosine with the clip, and a softmax over the labels at the model's
+        trained temperature; best first."""
+        labels = self._texts(labels, "labels")
+        if len(set(labels)) != len(labels):
+            raise RequestRefused("labels must be distinct")
+        clip = self.embed_waves([wave])[0]
+        scores = self.embed_texts(labels, language) @ clip
+        temperature = self.temperature
+        logits = scores / temperature
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-scores, kind="stable")
+        return [{"label": labels[i], "score": round(float(scores[i]), 6), "probability": round(float(probs[i]), 6)}
+                for i in order]
+
+    @property
+    def temperature(self) -> float:
+        value = json.loads((self.root / "model" / "config.json").read_text()).get("temperature")
+        return float(value) if value and math.isfinite(float(value)) and float(value) > 0 else 0.05
+
+    def info(self) -> dict[str, Any]:
+        config = self.embedder.model.config
+        return {"name": "cacara", "model": self.name,
+                "version": __import__("cacara").__version__, "data_md5": self.record.get("data_md5", ""),
+                "text_encoder": config["text_encoder"], "audio_encoder": config["audio_encoder"],
+                "dim": self.embedder.dim, "index_size": len(self.index), "index_kind": self.index.record["kind"],
+                "quality_gate": self.record.get("quality_gate"), "limits": self.limits.model_dump()}
