@@ -45,11 +45,19 @@ class DecodedAudio:
         return len(self.samples) / float(self.sample_rate)
 
 
-def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int | None = None) -> DecodedAudio:
+#: With ``max_seconds``, at most this many samples per second of allowed audio, over all channels (96 kHz
+#: stereo): a small file whose header claims many channels at a high rate would decode to gigabytes.
+MAX_SAMPLES_PER_SECOND = 96_000 * 2
+
+
+def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int | None = None,
+           max_seconds: float | None = None) -> DecodedAudio:
     """Decode any soundfile-readable input to mono float32 at ``target_sr``.
 
-    Raises AudioError with reason ``too_large``, ``undecodable`` or ``empty``; the caller decides
-    whether that quarantines a clip (ingest) or answers 400 (the service).
+    Raises AudioError with reason ``too_large``, ``undecodable``, ``empty`` or ``too_long``; the caller
+    decides whether that quarantines a clip (ingest) or answers 400 (the service). With ``max_seconds``,
+    the header is checked before decoding and at most that much audio is read, so a file that decodes to
+    far more samples than it weighs (or lies about its length) is refused without being decoded in full.
     """
     if isinstance(source, (bytes, bytearray)):
         if max_bytes is not None and len(source) > max_bytes:
@@ -67,7 +75,21 @@ def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int
     else:
         fh = source
     try:
-        data, sr = sf.read(fh, dtype="float32", always_2d=True)
+        with sf.SoundFile(fh) as f:
+            sr, channels = int(f.samplerate), int(f.channels)
+            if max_seconds is None:
+                data = f.read(dtype="float32", always_2d=True)
+            else:
+                if f.frames > max_seconds * sr:
+                    raise AudioError("too_long", f"{f.frames / sr:.1f} s by its header, above the limit of {max_seconds:g} s")
+                if sr * channels > MAX_SAMPLES_PER_SECOND:
+                    raise AudioError("too_many_samples", f"{channels} channels at {sr} Hz: more than "
+                                                         f"{MAX_SAMPLES_PER_SECOND} samples per second")
+                data = f.read(frames=int(max_seconds * sr) + 1, dtype="float32", always_2d=True)
+                if data.shape[0] > max_seconds * sr:
+                    raise AudioError("too_long", f"more than the limit of {max_seconds:g} s (its header said less)")
+    except AudioError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile names an in-memory input by its repr (a memory address): say "input" instead, so the
         # same bad file always gives the same message and the caller can name the file.
@@ -77,9 +99,8 @@ def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int
         raise AudioError("empty", "no samples")
     if not np.isfinite(data).all():
         raise AudioError("undecodable", "non-finite samples")
-    channels = data.shape[1]
     mono = data.mean(axis=1) if channels > 1 else data[:, 0]
-    return DecodedAudio(resample(mono, sr, target_sr), target_sr, int(sr), int(channels))
+    return DecodedAudio(resample(mono, sr, target_sr), target_sr, sr, channels)
 
 
 def resample(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

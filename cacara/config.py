@@ -173,6 +173,13 @@ class ServeSection(Section):
     timeout_s: int = Field(ge=1, le=3600)
     max_concurrency: int = Field(ge=1, le=100000)
 
+    @model_validator(mode="after")
+    def _batches_hold_a_request(self) -> "ServeSection":
+        if self.max_texts > self.max_batch_size:
+            raise ValueError(f"max_texts ({self.max_texts}) is above max_batch_size ({self.max_batch_size}): "
+                             "a request of max_texts texts must fit one batch")
+        return self
+
 
 class Toleration(Section):
     key: str | None = None

@@ -27,7 +27,6 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
-from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
 from cacara.config import ServeSection
@@ -42,10 +41,13 @@ MODEL_TAG = os.environ.get(MODEL_ENV, DEFAULT_MODEL)
 _stored = bentoml.models.get(MODEL_TAG)
 LIMITS = ServeSection.model_validate(_stored.info.metadata["serve"])
 
-Text = Annotated[str, Field(min_length=1, max_length=LIMITS.max_text_chars)]
+# Checked per request, before requests are batched together: one client's bad input never fails another's.
+Text = Annotated[str, Field(min_length=1, max_length=LIMITS.max_text_chars, pattern=r"\S")]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_texts)]
 K = Annotated[int, Field(ge=1, le=LIMITS.max_k)]
-Audio = Annotated[Path, ContentType("audio/*")]
+KJson = Annotated[int, Field(ge=1, le=LIMITS.max_k, strict=True)]  # JSON: 2.0 and true are not a k
+#: Any content type: the bytes decide (curl sends application/octet-stream); undecodable bytes get 400.
+Audio = Path
 Language = Annotated[str, Field(pattern=r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")]
 
 
@@ -59,6 +61,29 @@ class LabelScore(BaseModel):
     label: str
     score: float
     probability: float
+
+
+def _uploads_only() -> None:
+    """BentoML 1.4 fetches a multipart file field sent as a string as a URL, with no size limit, from the
+    server (``MultipartSerde.ensure_file``): refuse that, and replace the client's file name (BentoML
+    makes it the temporary file's suffix: a long one fails the request with an OSError)."""
+    import re
+
+    from _bentoml_impl.serde import MultipartSerde
+    from bentoml.exceptions import BadInput
+    from starlette.datastructures import UploadFile
+
+    async def ensure_file(obj):
+        if not isinstance(obj, UploadFile):
+            raise BadInput("audio must be an uploaded file (multipart), not a URL or text")
+        suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(obj.filename or "").suffix)[:10]
+        obj.filename = "upload" + suffix
+        return obj
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+
+
+_uploads_only()
 
 
 class Refused(BentoMLException):
@@ -138,7 +163,8 @@ def _page_app():
         return HTMLResponse(page)
 
     async def info(_request):
-        return JSONResponse(engine().info())
+        service = bentoml.get_current_service()
+        return JSONResponse({**service.engine.info(), "recent_audio_batches": service.audio_batches.batches[-20:]})
 
     async def clip_audio(request):
         path = engine().index.audio_path(request.path_params["clip_id"])
@@ -155,20 +181,6 @@ def _page_app():
                              Route("/clips/{clip_id:str}/audio", clip_audio)])
 
 
-def _refusing(fn):
-    """RequestRefused -> the HTTP status it names, with its message."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any):
-        try:
-            return fn(*args, **kwargs)
-        except RequestRefused as exc:
-            raise Refused(exc) from None
-
-    return wrapper
-
-
 @bentoml.asgi_app(_page_app(), path="/")
 @bentoml.service(name="cacara", traffic={"timeout": LIMITS.timeout_s, "max_concurrency": LIMITS.max_concurrency},
                  resources={"cpu": "2"}, workers=1)
@@ -178,36 +190,42 @@ class CacaraSearch:
     def __init__(self) -> None:
         self.engine = SearchEngine(self.packaged.path, LIMITS, name=str(_stored.tag))
         self.audio_batches = Batcher(self.engine.embed_waves, LIMITS.max_batch_size)
+        self.engine.embed_texts(["warm-up"])  # the text towers load lazily: not on the first user's request
         log.info("serving %s: %d clips", MODEL_TAG, len(self.engine.index))
 
     @bentoml.api(batchable=True, max_batch_size=LIMITS.max_batch_size, max_latency_ms=LIMITS.max_latency_ms)
-    @_refusing
     def embed_text(self, texts: Texts) -> np.ndarray:
-        return self.engine.embed_texts(texts)
+        return self.engine.embedder.embed_texts(texts)  # each request's texts were validated on their own
 
     @bentoml.api
     async def embed_audio(self, audio: Audio) -> np.ndarray:
+        return await self.audio_batches.submit(await self._decode(audio))
+
+    @bentoml.api
+    async def search(self, query: Text, k: KJson = 5, language: Language | None = None) -> list[SearchHit]:
+        hits = await self._off_loop(self.engine.search_text, query, k, language)
+        return [SearchHit(**h.to_json()) for h in hits]
+
+    @bentoml.api
+    async def search_audio(self, audio: Audio, k: K = 5) -> list[SearchHit]:
+        hits = await self._off_loop(self.engine.search_audio, await self._decode(audio), k)
+        return [SearchHit(**h.to_json()) for h in hits]
+
+    @bentoml.api
+    async def classify(self, audio: Audio, labels: Texts, language: Language | None = None) -> list[LabelScore]:
+        rows = await self._off_loop(self.engine.classify, await self._decode(audio), labels, language)
+        return [LabelScore(**row) for row in rows]
+
+    async def _decode(self, audio: Path) -> np.ndarray:
+        return await self._off_loop(self.engine.decode_upload, audio)
+
+    @staticmethod
+    async def _off_loop(fn, *args: Any):
+        """Decoding and embedding run in a thread: the event loop keeps answering (probes, other requests)."""
         try:
-            wave = await asyncio.to_thread(self.engine.decode_upload, audio)
+            return await asyncio.to_thread(fn, *args)
         except RequestRefused as exc:
             raise Refused(exc) from None
-        return await self.audio_batches.submit(wave)
-
-    @bentoml.api
-    @_refusing
-    def search(self, query: Text, k: K = 5, language: Language | None = None) -> list[SearchHit]:
-        return [SearchHit(**h.to_json()) for h in self.engine.search_text(query, k, language)]
-
-    @bentoml.api
-    @_refusing
-    def search_audio(self, audio: Audio, k: K = 5) -> list[SearchHit]:
-        return [SearchHit(**h.to_json()) for h in self.engine.search_audio(self.engine.decode_upload(audio), k)]
-
-    @bentoml.api
-    @_refusing
-    def classify(self, audio: Audio, labels: Texts, language: Language | None = None) -> list[LabelScore]:
-        wave = self.engine.decode_upload(audio)
-        return [LabelScore(**row) for row in self.engine.classify(wave, labels, language)]
 
 
 CacaraSearch.add_asgi_middleware(BodyLimit, max_bytes=LIMITS.max_upload_bytes)

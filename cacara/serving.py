@@ -55,12 +55,15 @@ class Batcher:
         self.fn, self.max_batch_size = fn, int(max_batch_size)
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
-        self.batches: list[int] = []  # sizes of the last batches run, for tests and /info
+        self.batches: list[int] = []  # sizes of the last batches run (/info shows them)
 
     async def submit(self, item: Any) -> Any:
         if self._queue is None or self._worker is None or self._worker.done():
+            import contextvars
+
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+            # In a context of its own: not the first request's, which it would otherwise keep alive.
+            self._worker = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
@@ -81,6 +84,12 @@ class Batcher:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
+                continue
+            if len(rows) != len(batch):  # never leave a request waiting for a row that will not come
+                error = RuntimeError(f"the batch of {len(batch)} gave {len(rows)} rows")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(error)
                 continue
             for (_, fut), row in zip(batch, rows):
                 if not fut.done():
@@ -113,12 +122,12 @@ class SearchEngine:
         if size > self.limits.max_upload_bytes:
             raise RequestRefused(f"{name}: {size} bytes, above the limit of {self.limits.max_upload_bytes}", 413)
         try:
-            decoded = audio.decode(path, self.embedder.sample_rate, max_bytes=self.limits.max_upload_bytes)
+            decoded = audio.decode(path, self.embedder.sample_rate, max_bytes=self.limits.max_upload_bytes,
+                                   max_seconds=self.limits.max_audio_seconds)
         except audio.AudioError as exc:
+            if exc.reason in ("too_long", "too_many_samples"):
+                raise RequestRefused(f"{name}: too much audio: {exc.detail}") from None
             raise RequestRefused(f"{name}: not usable audio ({exc.reason}: {exc.detail})") from None
-        if decoded.duration_s > self.limits.max_audio_seconds:
-            raise RequestRefused(f"{name}: {decoded.duration_s:.1f} s of audio, above the limit of "
-                                 f"{self.limits.max_audio_seconds:g} s")
         return decoded.samples
 
     def _k(self, k: int) -> int:
@@ -142,8 +151,8 @@ class SearchEngine:
 
     # ------------------------------------------------------------------------------------ operations
 
-    def embed_texts(self, texts: Sequence[str], language: str | None = None) -> np.ndarray:
-        return self.embedder.embed_texts(self._texts(texts, "texts"), language)
+    def embed_texts(self, texts: Sequence[str], language: str | None = None, what: str = "texts") -> np.ndarray:
+        return self.embedder.embed_texts(self._texts(texts, what), language)
 
     def embed_waves(self, waves: Sequence[np.ndarray]) -> np.ndarray:
         return self.embedder.embed_waveforms(list(waves))
@@ -160,7 +169,7 @@ class SearchEngine:
 
     def search_text(self, query: str, k: int, language: str | None = None) -> list[Hit]:
         """Top-``k`` clips for a query in any language; ``language`` (optional) picks the caption shown."""
-        vector = self.embed_texts([query], language)
+        vector = self.embed_texts([query], language, what="query")
         return self._hits(self.index.search(vector, self._k(k))[0], language)
 
     def search_audio(self, wave: np.ndarray, k: int) -> list[Hit]:
@@ -174,7 +183,7 @@ class SearchEngine:
         if len(set(labels)) != len(labels):
             raise RequestRefused("labels must be distinct")
         clip = self.embed_waves([wave])[0]
-        scores = self.embed_texts(labels, language) @ clip
+        scores = self.embedder.embed_texts(labels, language) @ clip
         temperature = self.temperature
         logits = scores / temperature
         probs = np.exp(logits - logits.max())

@@ -63,7 +63,10 @@ def model_identity(model_dir: Path) -> str:
 
 def _previous_vectors(previous: Path | None, identity: str) -> dict[str, np.ndarray]:
     """clip sha256 -> vector from an earlier index built with the same model, else nothing."""
-    if previous is None or not (previous / RECORD).exists():
+    if previous is not None and not (previous / RECORD).exists():
+        retired = previous.with_name(previous.name + ".old")  # a run stopped between its two renames
+        previous = retired if (retired / RECORD).exists() else None
+    if previous is None:
         return {}
     record = json.loads((previous / RECORD).read_text())
     if record.get("model_identity") != identity or record.get("format_version") != FORMAT_VERSION:
@@ -112,11 +115,10 @@ def build_index(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | P
             vectors[i] = earlier[clip.sha256]
     if todo:
         vectors[todo] = embedder.embed_audio_files([dataset / clips[i].audio_path for i in todo])
-    out.mkdir(parents=True, exist_ok=True)
     kind = "exact" if len(clips) < config.index.exact_below else "hnsw"
-    staging = out / ".staging"
+    staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     np.save(staging / VECTORS, vectors)
     faiss.write_index(build_faiss(vectors, config), str(staging / FAISS))
     rows: list[dict[str, Any]] = []
@@ -139,16 +141,13 @@ def build_index(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | P
               "audio_encoder": embedder.model.config["audio_encoder"],
               "sha256": {str(p.relative_to(staging)): _sha256(p) for p in files}}
     (staging / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
-    # Swap in the finished index: a reader never sees half of one.
-    for name in (VECTORS, FAISS, CLIPS, RECORD, AUDIO):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    for item in staging.iterdir():
-        item.rename(out / item.name)
-    staging.rmdir()
+    # Swap in the finished index by renames: a reader finds the old index or the new one, never a mix.
+    retired = out.with_name(out.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if out.exists():
+        out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
     result = IndexResult(out, len(clips), len(todo), len(clips) - len(todo), kind)
     log.info("%s", result.summary())
     return result

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 RECORD = "package.json"
 MODEL_ARCHIVE = "model.bentomodel"
-BENTO_ARCHIVE = "cacara.bento"
+BENTO_ARCHIVE = "cacara-search.bento"
+#: Not "cacara": `bentoml serve NAME:TAG` imports NAME as a module first, which would find the installed
+#: package instead of the Bento's own copy of the code.
+BENTO_NAME = "cacara-search"
 SERVICE = "cacara.service:CacaraSearch"
 MODEL_ENV = "CACARA_BENTO_MODEL"
 #: Where an installed copy (the images) finds the pinned requirements the Bento installs.
@@ -153,9 +156,9 @@ def build_bento(model_tag: str) -> str:
         os.environ[MODEL_ENV] = model_tag  # the service module resolves its model when bentoml imports it
         try:
             bento = bentoml.bentos.build(
-                SERVICE, name="cacara", build_ctx=str(ctx),
-                include=["cacara/**/*.py", "components/**/*.py", "model/**/*.py", "model/**/*.md",
-                         "requirements.txt"],
+                SERVICE, name=BENTO_NAME, build_ctx=str(ctx),
+                include=["cacara/**/*.py", "cacara/static/*", "components/**/*.py", "model/**/*.py",
+                         "model/**/*.md", "requirements.txt"],
                 labels={"part-of": "cacara"},
                 python={"requirements_txt": "requirements.txt", "lock_packages": False},
                 envs=[BentoEnvSchema(name=name, value=value) for name, value in

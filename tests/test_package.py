@@ -39,7 +39,7 @@ def test_reindexing_a_grown_dataset_embeds_only_the_new_clips(packaged, tmp_path
     assert (grown.count, grown.embedded, grown.reused) == (len(packaged.clips), len(packaged.clips) - 30, 30)
     full = np.load(packaged.index_dir / VECTORS)
     np.testing.assert_allclose(np.load(tmp_path / "index" / VECTORS), full, atol=1e-5)
-    assert not (tmp_path / "index" / ".staging").exists()
+    assert not (tmp_path / "index.staging").exists() and not (tmp_path / "index.old").exists()
 
 
 def test_hnsw_above_the_threshold_finds_what_exact_search_finds(packaged, tmp_path):
@@ -50,8 +50,11 @@ def test_hnsw_above_the_threshold_finds_what_exact_search_finds(packaged, tmp_pa
     result = build_index(packaged.dataset, packaged.model_dir, tmp_path / "hnsw", config, previous=packaged.index_dir)
     assert result.kind == "hnsw" and result.embedded == 0, "same model, same clips: every vector reused"
     hnsw, exact = ClipIndex(tmp_path / "hnsw"), ClipIndex(packaged.index_dir)
-    queries = np.load(packaged.index_dir / VECTORS)[:20]
-    assert [r[0][0] for r in hnsw.search(queries, 5)] == [r[0][0] for r in exact.search(queries, 5)]
+    from cacara.embed import Embedder
+
+    # Text queries (an indexed vector would find itself first in any index): the top 5 agree in order.
+    queries = Embedder.load(packaged.model_dir).embed_texts([c.captions["en"][0] for c in packaged.clips[:20]])
+    assert [[row for row, _ in r] for r in hnsw.search(queries, 5)] == [[row for row, _ in r] for r in exact.search(queries, 5)]
 
 
 def test_a_tampered_index_file_is_refused_by_name(packaged, tmp_path):
@@ -120,3 +123,22 @@ def test_the_stored_model_records_every_file_and_its_provenance(packaged):
     assert meta["quality_gate"]["passed"] and meta["serve"]["max_k"] == packaged.params["serve"]["max_k"]
     bento = bentoml.get(packaged.bento_tag)
     assert bento.info.entry_service == "cacara"
+    assert {"cacara/service.py", "cacara/static/search.html", "requirements.txt"} <= {
+        str(p.relative_to(bento.path_of("src"))) for p in __import__("pathlib").Path(bento.path_of("src")).rglob("*")}
+
+
+def test_the_bento_serves_its_own_copy_of_the_code(packaged):
+    """`bentoml serve` of the Bento imports the service from the Bento's src/, not from this checkout."""
+    import os
+    import subprocess
+    import sys
+
+    import bentoml
+
+    src = bentoml.get(packaged.bento_tag).path_of("src")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import cacara.service as s; "
+            "print(s.__file__); print(len(s._page_app().routes))")
+    proc = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CACARA_BENTO_MODEL": packaged.model_tag}, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith(src)

@@ -245,7 +245,7 @@ def test_run_local_gives_the_metrics_dvc_repro_gives(tmp_path):
     record = json.loads((bento / "package.json").read_text())
     from model.weights_cache import sha256_file
 
-    assert record["archives"] == {n: sha256_file(bento / n) for n in ("model.bentomodel", "cacara.bento")}
+    assert record["archives"] == {n: sha256_file(bento / n) for n in ("model.bentomodel", "cacara-search.bento")}
     assert record["data_md5"] == "subset" and record["quality_gate"]["min_gain"] == -100.0
     dvc_record = json.loads((project / "work" / "package" / "package.json").read_text())
     assert dvc_record["quality_gate"] == record["quality_gate"]

@@ -48,7 +48,9 @@ def test_a_spanish_query_lists_the_clip_and_its_player_loads(browser, served, pa
     assert clip.clip_id in ids[:5], ids
     item = page.locator(f'#results li[data-clip-id="{clip.clip_id}"]')
     player = item.locator("audio")
-    # The player fetched the clip from the service and read its length (set on loadedmetadata).
+    # The player fetches the clip from the service when asked to (a user pressing play) and reads its
+    # length (the page sets data-duration on loadedmetadata).
+    player.evaluate("el => { el.preload = 'metadata'; el.load(); }")
     page.wait_for_function("el => el.dataset.duration || el.dataset.error", arg=player.element_handle(), timeout=30_000)
     assert player.get_attribute("data-error") is None
     assert float(player.get_attribute("data-duration")) == pytest.approx(clip.duration_s, abs=0.1)

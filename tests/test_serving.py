@@ -152,7 +152,7 @@ def test_engine_refuses_uploads_too_large_too_long_or_not_audio(small_limits_eng
 
     cases = {
         "large.wav": (write_tone(tmp_path / "large.wav", seconds=8.0), 413, "above the limit of 200000"),
-        "long.flac": (write_tone(tmp_path / "long.flac", seconds=4.0), 400, "4.0 s of audio, above the limit"),
+        "long.flac": (write_tone(tmp_path / "long.flac", seconds=4.0), 400, "4.0 s by its header, above the limit of 3 s"),
         "noise.wav": (tmp_path / "noise.wav", 400, "not usable audio"),
         "empty.wav": (tmp_path / "empty.wav", 400, "not usable audio"),
     }
@@ -210,6 +210,18 @@ def test_search_answers_the_contract(client, packaged):
     assert r.status_code == 200 and r.json()[0]["caption"] in {c.captions.get("es", [""])[0] for c in packaged.clips}
 
 
+def test_uploads_need_no_particular_content_type_or_file_name(client, packaged, tmp_path):
+    """curl sends application/octet-stream; a client may send any file name: the bytes decide."""
+    clip = next(c for c in packaged.clips if c.clip_id == "animals-birds-crow")
+    data = (packaged.dataset / clip.audio_path).read_bytes()
+    for name, content_type in (("crow.flac", "application/octet-stream"), ("x" * 300 + ".flac", "audio/flac"),
+                               ("../../etc/passwd", "audio/flac"), ("noext", "text/plain")):
+        r = client.post("/embed_audio", files={"audio": (name, data, content_type)})
+        assert r.status_code == 200, (name[:20], r.text[:200])
+        assert len(r.json()) == 896 or len(r.json()) > 0
+    assert not [p for p in client.spool.rglob("*") if p.is_file()]
+
+
 def test_search_audio_and_classify_take_multipart(client, packaged):
     clip = next(c for c in packaged.clips if c.clip_id == "animals-birds-crow")
     path = packaged.dataset / clip.audio_path
@@ -236,12 +248,46 @@ def test_info_and_bentoml_routes(client, packaged):
     assert "CACARA audio search" in client.get("/").text
 
 
-def test_clip_audio_is_served_by_id_only(client, packaged):
+def test_clip_audio_is_served_by_id_only(client, packaged, engine):
     r = client.get("/clips/animals-birds-crow/audio")
     assert r.status_code == 200 and len(r.content) > 1000
     assert sf.info(io.BytesIO(r.content)).samplerate == 16000
-    for bad in ("no-such-clip", "..%2F..%2Fmanifest.jsonl", "%2Fetc%2Fpasswd", "animals-birds-crow%00"):
+    for bad in ("no-such-clip", "index.json", "clips.jsonl"):
+        r = client.get(f"/clips/{bad}/audio")
+        assert r.status_code == 404 and r.json() == {"error": "no such clip in the index"}, bad
+    # The router matches no clip id holding a slash; nothing else reaches a file.
+    for bad in ("..%2F..%2Fmanifest.jsonl", "%2Fetc%2Fpasswd", "animals-birds-crow%00", ".."):
         assert client.get(f"/clips/{bad}/audio").status_code == 404, bad
+    for bad in ("../index.json", "/etc/passwd", "audio/x.flac", ""):
+        assert engine.index.audio_path(bad) is None, bad
+
+
+def test_batcher_batches_what_is_queued_and_fails_only_its_own_batch():
+    import asyncio
+
+    from cacara.serving import Batcher
+
+    calls: list[list[int]] = []
+
+    def double(items):
+        calls.append(list(items))
+        if -1 in items:
+            raise ValueError("bad item")
+        return [2 * i for i in items] if 99 not in items else [0]
+
+    async def scenario():
+        batcher = Batcher(double, max_batch_size=4)
+        first = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+        failed = await asyncio.gather(batcher.submit(-1), return_exceptions=True)
+        short = await asyncio.gather(batcher.submit(99), batcher.submit(98), return_exceptions=True)
+        after = await batcher.submit(5)
+        return batcher, first, failed, short, after
+
+    batcher, first, failed, short, after = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert first == [0, 2, 4, 6, 8, 10] and max(len(c) for c in calls[:2]) == 4, calls
+    assert isinstance(failed[0], ValueError)
+    assert all(isinstance(r, RuntimeError) for r in short), "a short answer fails its batch, nobody waits"
+    assert after == 10 and batcher.batches[-1] == 1
 
 
 def test_traffic_limits_come_from_the_packaged_settings(client, packaged):
@@ -262,16 +308,31 @@ def _bad_requests(packaged, tmp_path: Path) -> list[tuple[str, str, dict, int, s
     empty.write_bytes(b"")
     good = write_tone(tmp_path / "good.wav", seconds=1.0)
     big = b"0" * (serve["max_upload_bytes"] + 1)
+    # Small files that decode to far more than they weigh: refused from the header, before decoding.
+    ten_minutes = tmp_path / "ten_minutes.flac"
+    with sf.SoundFile(str(ten_minutes), "w", samplerate=48000, channels=2, format="FLAC") as f:
+        block = np.zeros((48000 * 10, 2), dtype=np.int16)
+        for _ in range(60):
+            f.write(block)
+    assert ten_minutes.stat().st_size < serve["max_upload_bytes"]
+    wide = tmp_path / "wide.wav"
+    sf.write(str(wide), np.zeros((96000, 16), dtype=np.int16), 192000, subtype="PCM_16")
     return [
         ("upload above the size limit", "/embed_audio", {"files": {"audio": ("big.wav", big, "audio/wav")}}, 413, "above the limit"),
         ("chunked body above the size limit", "/embed_text",
          {"content": iter([b'{"texts": ["' + b"a" * 1_000_000] * (serve["max_upload_bytes"] // 1_000_000 + 2)),
           "headers": {"content-type": "application/json"}}, 413, "above the limit"),
-        ("audio longer than allowed", "/embed_audio", {"files": _upload(long_clip)}, 400, "s of audio, above the limit"),
+        ("audio longer than allowed", "/embed_audio", {"files": _upload(long_clip)}, 400, "by its header, above the limit of"),
         ("corrupt audio", "/embed_audio", {"files": _upload(corrupt)}, 400, "not usable audio"),
         ("text file named .wav", "/search_audio", {"files": _upload(text_file)}, 400, "not usable audio"),
         ("empty upload", "/classify", {"files": _upload(empty, "audio/flac"), "data": {"labels": '["a"]'}}, 400, "not usable audio"),
-        ("not an audio content type", "/embed_audio", {"files": _upload(good, "text/plain")}, 400, "audio/*"),
+        ("audio field sent as a URL", "/embed_audio", {"data": {"audio": "https://example.com/a.wav"}}, 400,
+         "must be an uploaded file"),
+        ("header claims ten minutes", "/embed_audio", {"files": _upload(ten_minutes, "audio/flac")}, 400, "600.0 s by its header"),
+        ("many channels at a high rate", "/search_audio", {"files": _upload(wide)}, 400, "16 channels at 192000 Hz"),
+        ("k as a float", "/search", {"json": {"query": "a dog", "k": 2.0}}, 400, "k"),
+        ("k as a boolean", "/search", {"json": {"query": "a dog", "k": True}}, 400, "k"),
+        ("blank text", "/embed_text", {"json": {"texts": ["a dog", "   "]}}, 400, "texts"),
         ("no texts", "/embed_text", {"json": {"texts": []}}, 400, "texts"),
         ("too many texts", "/embed_text", {"json": {"texts": ["a"] * (serve["max_texts"] + 1)}}, 400, "texts"),
         ("text too long", "/embed_text", {"json": {"texts": ["a" * (serve["max_text_chars"] + 1)]}}, 400, "texts"),
@@ -364,6 +425,26 @@ def test_concurrent_requests_give_the_single_request_vectors(served, packaged):
         np.testing.assert_allclose(row, single_audio[i], atol=BATCHING_TOL)
     for i, row in text_rows:
         np.testing.assert_allclose(row, single_text[i], atol=BATCHING_TOL)
+
+
+def test_a_bad_request_never_fails_the_good_ones_batched_with_it(served):
+    import urllib.error
+    import urllib.request
+
+    def post(texts):
+        request = urllib.request.Request(served.url + "/embed_text", data=json.dumps({"texts": texts}).encode(),
+                                         headers={"content-type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    bodies = [["   "] if i % 4 == 0 else [f"a dog barks {i}"] for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(post, bodies))
+    assert [s for s, b in zip(statuses, bodies) if b != ["   "]] == [200] * 36
+    assert [s for s, b in zip(statuses, bodies) if b == ["   "]] == [400] * 12
 
 
 def test_served_process_refuses_bad_input_and_stays_ready(served, tmp_path):
