@@ -106,8 +106,12 @@ def package(model_dir: str | Path, index_dir: str | Path, out_dir: str | Path, c
         "metrics": {k: v for k, v in evaluation.items() if k != "checks"},
         "checks": {k: v for k, v in (evaluation.get("checks") or {}).items() if not isinstance(v, list)},
     }
-    with bentoml.models.create(config.package.model_name, labels={"part-of": "cacara"},
-                               metadata=metadata) as stored:
+    # The version is a hash of what is stored: packaging the same model twice gives the same tags and the
+    # same package.json (dvc.lock stays put), and a changed model a new version.
+    version = _digest({"model": _files(model), "index": _files(index), "metadata": metadata})
+    tag = f"{config.package.model_name}:{version}"
+    _forget(bentoml.models, tag)
+    with bentoml.models.create(tag, labels={"part-of": "cacara"}, metadata=metadata) as stored:
         target = Path(stored.path)
         shutil.copytree(model, target / "model")
         shutil.copytree(index, target / "index")
@@ -134,6 +138,23 @@ def package(model_dir: str | Path, index_dir: str | Path, out_dir: str | Path, c
     return result
 
 
+def _digest(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _forget(store, tag: str) -> None:
+    """Drop an earlier entry of the same tag (same content by construction) so it can be made again."""
+    import bentoml
+
+    try:
+        store.get(tag)
+    except bentoml.exceptions.NotFound:
+        return
+    store.delete(tag)
+
+
 def build_bento(model_tag: str) -> str:
     """``bentoml build`` of the service for ``model_tag``, offline, from a folder holding exactly what the
     Bento needs: the project's packages (the service is ``cacara/service.py``) and the pinned requirements."""
@@ -152,11 +173,13 @@ def build_bento(model_tag: str) -> str:
             source = Path(package.__file__).parent
             shutil.copytree(source, ctx / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copyfile(_requirements_file(), ctx / "requirements.txt")
+        version = _digest({"model": model_tag, "code": _files(ctx)})
+        _forget(bentoml.bentos, f"{BENTO_NAME}:{version}")
         previous = os.environ.get(MODEL_ENV)
         os.environ[MODEL_ENV] = model_tag  # the service module resolves its model when bentoml imports it
         try:
             bento = bentoml.bentos.build(
-                SERVICE, name=BENTO_NAME, build_ctx=str(ctx),
+                SERVICE, name=BENTO_NAME, version=version, build_ctx=str(ctx),
                 include=["cacara/**/*.py", "cacara/static/*", "components/**/*.py", "model/**/*.py",
                          "model/**/*.md", "requirements.txt"],
                 labels={"part-of": "cacara"},

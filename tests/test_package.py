@@ -127,6 +127,16 @@ def test_the_stored_model_records_every_file_and_its_provenance(packaged):
         str(p.relative_to(bento.path_of("src"))) for p in __import__("pathlib").Path(bento.path_of("src")).rglob("*")}
 
 
+def test_packaging_the_same_model_again_gives_the_same_tags_and_record(packaged, tmp_path):
+    """Tags are hashes of what is stored, so `dvc repro` of an unchanged model leaves dvc.lock as it was."""
+    from components.package import package
+
+    again = package(packaged.model_dir, packaged.index_dir, tmp_path / "out", PackageConfig.from_params(packaged.params),
+                    data_md5="0" * 32)
+    assert (again.model_tag, again.bento_tag) == (packaged.model_tag, packaged.bento_tag)
+    assert (tmp_path / "out" / "package.json").read_bytes() == (packaged.package_dir / "package.json").read_bytes()
+
+
 def test_the_bento_serves_its_own_copy_of_the_code(packaged):
     """`bentoml serve` of the Bento imports the service from the Bento's src/, not from this checkout."""
     import os
