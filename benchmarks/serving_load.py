@@ -16,17 +16,21 @@ What it measures, in one run, on this machine's loopback:
   (``embed_texts``), against the service's p50 at concurrency 1.
 
 Batching on and off: two services run at once, each in its own session, started by this script and
-stopped by killing its process group, both with ``CACARA_BENTO_MODEL=<model_tag>``. "On" is the packaged
-Bento from the project's BentoML home as is: ``bentoml serve <bento_tag>``, what ``cacara serve --package
-work/package`` execs (cacara/cli.py cmd_serve). "Off" is the same service module with the same model
-tag, from a temporary BentoML home holding a copy of the model in which only
-``metadata["serve"]["max_batch_size"]`` is 1: the service reads its limits from there at import, so its
-own ``Batcher`` of ``embed_audio`` runs batches of one. BentoML refuses ``max_batch_size=1`` on a
-batchable API (ValueError at import), so "off" is served from a generated module (NO_BATCHING_SOURCE
-below) that imports ``cacara.service`` unchanged while ``bentoml.api`` declares an API batchable with
-max_batch_size < 2 as not batchable: ``embed_text`` then runs each request on its own. The script checks
-each service's ``/info`` for the limit it expects. Cells alternate between the two services (on first,
-then off first), so machine load that drifts during the run hits both alike; the idle one takes no CPU.
+stopped by killing its process group, both with ``CACARA_BENTO_MODEL=<model_tag>``, each from its own
+temporary BentoML home (the project's ``work/bentoml`` is only read; a ``bentoml serve`` empties its home's
+``prometheus_multiproc_dir`` on start, blanking the /metrics of other services of that home). "On" is the
+packaged Bento as is, byte copies of it and its model: ``bentoml serve <bento_tag>``, what ``cacara serve
+--package work/package`` execs (cacara/cli.py cmd_serve). "Off" is the same service module with the same
+model tag, from a copy of the model in which ``metadata["serve"]["max_batch_size"]`` (and ``max_texts``,
+which must fit a batch) is 1: the service reads its limits from there at import, so its own ``Batcher``
+of ``embed_audio`` runs batches of one. BentoML refuses ``max_batch_size=1`` on a batchable API
+(ValueError at import), so "off" is served from a generated module (NO_BATCHING_SOURCE below) that imports
+``cacara.service`` unchanged while ``bentoml.api`` declares an API batchable with max_batch_size < 2 as
+not batchable: ``embed_text`` then runs each request on its own. The script checks each service's
+``/info`` for the limit it expects. Cells alternate between the two services (on first, then off first),
+so machine load that drifts during the run hits both alike; the idle one takes no CPU. Before each cell
+it waits (within a budget) until other jobs use at most ``--max-other-cores``, re-runs a cell they shared
+once, and writes who used the CPUs during each cell.
 
 Targets (from the issue), checked and written, never asserted: batching at least doubles embed_text
 throughput at concurrency 32; at concurrency 1 the service adds at most 30% to the bare model's time for
@@ -157,15 +161,33 @@ finally:
 '''
 
 
+def copy_store(home: Path, tags: list[str], kind: str, target: Path) -> Path:
+    """Byte copies of store entries (``kind`` "models" or "bentos") into the BentoML home ``target``."""
+    for tag in tags:
+        name, version = tag.split(":")
+        dst = target / kind / name / version
+        shutil.copytree(home / kind / name / version, dst)
+        (dst.parent / "latest").write_text(version)
+    return target
+
+
+def batching_on_home(home: Path, model_tag: str, bento_tag: str, target: Path) -> Path:
+    """A private BentoML home with byte copies of the packaged model and Bento. Each ``bentoml serve``
+    empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, which blanks the /metrics of any
+    other service running from the same home: served from the project's home, this benchmark and anyone
+    else's service there (tests, ``make serve``) would clobber each other's metrics."""
+    copy_store(home, [model_tag], "models", target)
+    return copy_store(home, [bento_tag], "bentos", target)
+
+
 def no_batching_setup(home: Path, model_tag: str, target: Path) -> tuple[Path, Path]:
     """A BentoML home holding a copy of the packaged model whose serve limits say ``max_batch_size: 1``
     (the project's home is only read), and a folder with the service module that serves it (above)."""
     import yaml
 
     name, version = model_tag.split(":")
+    copy_store(home, [model_tag], "models", target / "bentoml_home")
     dst = target / "bentoml_home" / "models" / name / version
-    shutil.copytree(home / "models" / name / version, dst)
-    (dst.parent / "latest").write_text(version)
     info = yaml.safe_load((dst / "model.yaml").read_text())
     # max_texts must fit a batch (ServeSection checks it); the load sends one text per request anyway.
     info["metadata"]["serve"].update(max_batch_size=1, max_texts=1)
@@ -654,7 +676,8 @@ def main(argv: list[str] | None = None) -> None:
         payload_file = tmp / "payload.json"
         payload_file.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
         off_home, off_code = no_batching_setup(home, model_tag, tmp / "no_batching")
-        on = Service("on", home, bento_tag, model_tag, tmp / "serve_on.log")
+        on_home = batching_on_home(home, model_tag, bento_tag, tmp / "batching_on" / "bentoml_home")
+        on = Service("on", on_home, bento_tag, model_tag, tmp / "serve_on.log")
         off = Service("off", off_home, f"{NO_BATCHING_MODULE}:CacaraSearch", model_tag, tmp / "serve_off.log",
                       working_dir=off_code)
         services = [on, off]
@@ -785,14 +808,17 @@ def main(argv: list[str] | None = None) -> None:
     failures = [c for c in cells if c.failed]
     shed = sum("server busy" in line.lower() or "status=503" in line for log in logs.values() for line in log.splitlines())
     notes = [
-        "Batching on = the packaged Bento served as `cacara serve` serves it. Batching off = the same service "
-        "module and model files with the model's `metadata.serve.max_batch_size` set to 1 in a copy of the model "
-        "store entry (a temporary BentoML home; the project's `work/bentoml` is only read), so the service's own "
-        "`Batcher` runs embed_audio one upload at a time; BentoML refuses `max_batch_size=1` on a batchable API "
-        "(`ValueError: 'max_batch_size' must be > 1` when cacara.service is imported), so the off service imports "
-        "cacara.service through a generated module that declares embed_text not batchable when its "
-        "max_batch_size is below 2 (nothing else changes). Each service's `/info` was checked for its "
-        f"max_batch_size ({serve_limits['max_batch_size']} and 1).",
+        "Batching on = the packaged Bento served as `cacara serve` serves it (`bentoml serve <bento_tag>`), "
+        "from a private BentoML home holding byte copies of the Bento and its model: every `bentoml serve` "
+        "empties `$BENTOML_HOME/prometheus_multiproc_dir` when it starts, so two services sharing a home blank "
+        "each other's /metrics, and the project's `work/bentoml` is only read. Batching off = the same service "
+        "module and model files with the model's `metadata.serve.max_batch_size` set to 1 (and `max_texts` to "
+        "1, which ServeSection requires to fit a batch; every request here sends one text) in another private "
+        "home, so the service's own `Batcher` runs embed_audio one upload at a time; BentoML refuses "
+        "`max_batch_size=1` on a batchable API (`ValueError: 'max_batch_size' must be > 1` when cacara.service "
+        "is imported), so the off service imports cacara.service through a generated module that declares "
+        "embed_text not batchable when its max_batch_size is below 2 (nothing else changes). Each service's "
+        f"`/info` was checked for its max_batch_size ({serve_limits['max_batch_size']} and 1).",
         f"Load generator and services share the same {os.cpu_count()} CPUs: locust's own CPU use (one process, "
         "gevent) is part of every figure, as is whatever else ran on the machine: the cores column says who used "
         "the CPUs during each cell. The 1-min load average is no measure of other jobs here: it counts the "
