@@ -111,8 +111,10 @@ class SearchEngine:
         self.index = ClipIndex(self.root / "index")
         if self.index.record["dim"] != self.embedder.dim:
             raise ValueError(f"index vectors are {self.index.record['dim']}-d, the model's {self.embedder.dim}-d")
-        self.training_language = str(json.loads((self.root / "model" / "config.json").read_text())
-                                     .get("params", {}).get("training_language", "en"))
+        config = json.loads((self.root / "model" / "config.json").read_text())
+        self.training_language = str(config.get("params", {}).get("training_language", "en"))
+        value = config.get("temperature")  # the trained softmax temperature, read once (classify uses it)
+        self.temperature = float(value) if value and math.isfinite(float(value)) and float(value) > 0 else 0.05
 
     # ---------------------------------------------------------------------------------------- inputs
 
@@ -184,18 +186,12 @@ class SearchEngine:
             raise RequestRefused("labels must be distinct")
         clip = self.embed_waves([wave])[0]
         scores = self.embedder.embed_texts(labels, language) @ clip
-        temperature = self.temperature
-        logits = scores / temperature
+        logits = scores / self.temperature
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         order = np.argsort(-scores, kind="stable")
         return [{"label": labels[i], "score": round(float(scores[i]), 6), "probability": round(float(probs[i]), 6)}
                 for i in order]
-
-    @property
-    def temperature(self) -> float:
-        value = json.loads((self.root / "model" / "config.json").read_text()).get("temperature")
-        return float(value) if value and math.isfinite(float(value)) and float(value) > 0 else 0.05
 
     def info(self) -> dict[str, Any]:
         config = self.embedder.model.config
