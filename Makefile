@@ -50,10 +50,12 @@ browser:
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || echo "chromium is missing (sudo apt-get install chromium): the search page test will be skipped"
 
-# The model and Bento the last `make run` packaged (work/package/package.json), on loopback.
+# The model and Bento the last `make run` packaged (work/package/package.json), on loopback; the drift
+# features of audio requests go to work/serving_log (`cacara drift --current work/serving_log`; DRIFT_LOG= turns it off).
 PORT ?= 3000
+DRIFT_LOG ?= $(CURDIR)/work/serving_log
 serve: setup
-	$(BIN)/cacara serve --port $(PORT)
+	CACARA_DRIFT_LOG_DIR=$(DRIFT_LOG) $(BIN)/cacara serve --port $(PORT)
 
 # Images: buildah on a base made from Debian's packages (no registry needed); see scripts/build_image.sh.
 image: data

@@ -136,7 +136,31 @@ def cmd_package(args: argparse.Namespace) -> int:
         else:  # your own data, not tracked by that file: the model is packaged without a data hash
             logging.getLogger(__name__).warning("%s not found: no data md5 is recorded with the model", args.data_dvc)
     print(package(args.model, args.index, args.out, PackageConfig.from_params(_params(args)),
-                  metrics=args.metrics, data_md5=md5).summary())
+                  metrics=args.metrics, data_md5=md5, drift_reference=args.drift_reference).summary())
+    return 0
+
+
+def cmd_drift_profile(args: argparse.Namespace) -> int:
+    from cacara.config import DriftProfileConfig
+    from components.drift import profile_reference
+
+    record = profile_reference(args.dataset, args.model, args.out, DriftProfileConfig.from_params(_params(args)))
+    print(f"drift reference: {record['clips']} clips of {','.join(record['splits'])} -> {args.out}")
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """Exit 1 when the gate fails (policy fail), naming the drifted columns; 0 otherwise."""
+    from cacara.config import DriftConfig
+    from components.drift import DriftGateFailed, check_drift, format_summary
+
+    try:
+        summary = check_drift(args.reference, args.current, args.out, DriftConfig.from_params(_params(args)),
+                              model_dir=args.model)
+    except DriftGateFailed as exc:
+        print(format_summary(exc.summary))
+        raise
+    print(format_summary(summary))
     return 0
 
 
@@ -238,6 +262,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "index": (cmd_index, "a dataset's clips embedded by a model, in a faiss index the service searches"),
     "package": (cmd_package, "quality gate, then the model and index into the BentoML store and a Bento"),
     "serve": (cmd_serve, "serve the last packaged model and its search page (bentoml serve) on loopback"),
+    "drift-profile": (cmd_drift_profile, "a trained model's drift reference: its training clips' features and embeddings"),
+    "drift": (cmd_drift, "Evidently drift report of a dataset or serving log against a reference; exit 1 on a failed gate"),
     "pipeline": (cmd_pipeline, "the Kubeflow pipeline: compile | run-local | submit"),
 }
 
@@ -316,11 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, help="the evaluate step's metrics.json, recorded with the model")
     p.add_argument("--data-md5", default=None, help="the dataset's DVC md5, recorded with the model")
     p.add_argument("--data-dvc", default=None, help="or the .dvc file that records it")
+    p.add_argument("--drift-reference", default=None,
+                   help="the drift-profile step's output, stored with the model (the service logs against it)")
     p.add_argument("--out", default="work/package")
     p = add("serve")
     p.add_argument("--package", default="work/package", help="the package step's output (its package.json)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
+    p = add("drift-profile")
+    p.add_argument("--dataset", default="work/dataset")
+    p.add_argument("--model", default="work/train/model")
+    p.add_argument("--out", default="work/drift_reference")
+    p = add("drift")
+    p.add_argument("--reference", default="work/drift_reference",
+                   help="a saved profile (cacara drift-profile) or a canonical dataset folder")
+    p.add_argument("--current", required=True, help="a canonical dataset folder, or a serving log (file or folder)")
+    p.add_argument("--model", default=None,
+                   help="the model that embeds the clips of a dataset given as --reference or --current")
+    p.add_argument("--out", default="reports/drift")
     p = add("pipeline")
     p.add_argument("action", choices=["compile", "run-local", "submit"])
     p.add_argument("--out", default=None, help="compile: where to write the YAML (default pipelines/training.yaml)")

@@ -172,13 +172,37 @@ class ServeSection(Section):
     max_latency_ms: int = Field(ge=1, le=600000)
     timeout_s: int = Field(ge=1, le=3600)
     max_concurrency: int = Field(ge=1, le=100000)
+    drift_log_max_bytes: int = Field(ge=4096, le=2**40)
+    drift_log_backups: int = Field(ge=1, le=1000)
 
     @model_validator(mode="after")
     def _batches_hold_a_request(self) -> "ServeSection":
-        if self.max_texts > self.max_batch_size:
+        if self.batching and self.max_texts > self.max_batch_size:
             raise ValueError(f"max_texts ({self.max_texts}) is above max_batch_size ({self.max_batch_size}): "
                              "a request of max_texts texts must fit one batch")
         return self
+
+    @property
+    def batching(self) -> bool:
+        """``max_batch_size: 1`` turns adaptive batching off: every request runs on its own."""
+        return self.max_batch_size >= 2
+
+
+DRIFT_COLUMNS = ("duration_s", "rms_dbfs", "silence_ratio", "clipping_ratio", "bandwidth_hz", "orig_sample_rate",
+                 "orig_channels",
+                 "caption_chars", "caption_language", "emb_norm", "emb_centroid_cos", "emb_pc")
+
+
+class DriftSection(Section):
+    policy: Literal["fail", "warn"]
+    alpha: float = Field(gt=0, lt=1)
+    columns: list[Literal[DRIFT_COLUMNS]] = Field(min_length=1)  # type: ignore[valid-type]
+    pca_components: int = Field(ge=1, le=64)
+    embeddings_method: Literal["mmd", "model", "distance"]
+    embeddings_threshold: float = Field(gt=0)
+    min_rows: int = Field(ge=3, le=100000)
+    reference_splits: list[Split] = Field(min_length=1)
+    current_splits: list[Split] = Field(default_factory=list)
 
 
 class Toleration(Section):
@@ -227,6 +251,7 @@ class Params(Section):
     index: IndexSection
     package: PackageSection
     serve: ServeSection
+    drift: DriftSection
     cluster: ClusterSection
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
@@ -395,9 +420,35 @@ class PackageConfig(StepConfig):
     select_metric: Literal["mean_R@1", "t2a_R@1", "a2t_R@1", "t2a_R@5"]
 
 
+class DriftProfileConfig(StepConfig):
+    """What the drift features of a clip depend on, and which splits form the reference."""
+
+    PARAMS = {"reference_splits": "drift.reference_splits", "silence_rms_dbfs": "audio.silence_rms_dbfs",
+              "clip_level": "validate.clip_level", "training_language": "ingest.training_language"}
+    reference_splits: list[Split] = Field(min_length=1)
+    silence_rms_dbfs: float = Field(le=0)
+    clip_level: float = Field(gt=0, le=1)
+    training_language: str = Field(pattern=LANGUAGE_CODE)
+
+
+class DriftConfig(StepConfig):
+    PARAMS = {"drift": "drift", "silence_rms_dbfs": "audio.silence_rms_dbfs", "clip_level": "validate.clip_level",
+              "training_language": "ingest.training_language"}
+    drift: DriftSection
+    silence_rms_dbfs: float = Field(le=0)
+    clip_level: float = Field(gt=0, le=1)
+    training_language: str = Field(pattern=LANGUAGE_CODE)
+
+    @property
+    def profile(self) -> DriftProfileConfig:
+        return DriftProfileConfig(reference_splits=self.drift.reference_splits, silence_rms_dbfs=self.silence_rms_dbfs,
+                                  clip_level=self.clip_level, training_language=self.training_language)
+
+
 STEP_CONFIGS: dict[str, type[StepConfig]] = {
     "ingest": IngestConfig, "validate": ValidateConfig, "embed_text": EmbedTextConfig, "train": TrainConfig,
-    "evaluate": EvaluateConfig, "index": IndexConfig, "package": PackageConfig,
+    "evaluate": EvaluateConfig, "index": IndexConfig, "package": PackageConfig, "profile": DriftProfileConfig,
+    "drift": DriftConfig,
 }
 
 

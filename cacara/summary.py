@@ -96,11 +96,25 @@ def evaluation_lines(report_dir: Path, params: dict[str, Any]) -> list[str]:
     return lines
 
 
+def drift_lines(report_dir: Path) -> list[str]:
+    summary = _load(report_dir / "drift.json")
+    if summary is None:
+        return [f"drift: no report yet ({report_dir})"]
+    verdict = "PASSED" if summary["passed"] else f"DRIFTED ({', '.join(summary['drifted'])})"
+    emb = summary["embeddings"]
+    return [f"drift: {verdict}: {summary['current']['clips']} held-out clips against the {summary['reference']['clips']} "
+            f"training clips of the reference, {len(summary['columns'])} columns at p < "
+            f"{summary['per_column_threshold']:.2g} each, embeddings {emb['method']} {float(emb['score']):.3g} "
+            f"(drift above {emb['threshold']})",
+            f"  report: {report_dir / 'drift_report.html'}"]
+
+
 def print_summary(root: Path, params: dict[str, Any]) -> None:
     work = root / params["data"]["work_dir"]
     lines = ["", "=== CACARA run summary ==="]
     lines += dataset_lines(work / "dataset")
     lines += validation_lines(root / "reports" / "validation" / "validation.json")
     lines += training_lines(work)
+    lines += drift_lines(root / "reports" / "drift")
     lines += [""] + evaluation_lines(root / "reports" / "evaluate", params)
     print("\n".join(lines))

@@ -126,13 +126,40 @@ def evaluate(
     evaluate_task(dict(locals()))
 
 
+def check_drift(
+    dataset: Input[Dataset], reports: Output[Artifact], report: Output[HTML], data_md5: str, reference_uri: str,
+    drift_policy: str, drift_alpha: float, drift_columns: list, drift_pca_components: int,
+    drift_embeddings_method: str, drift_embeddings_threshold: float, drift_min_rows: int,
+    drift_reference_splits: list, drift_current_splits: list, audio_silence_rms_dbfs: float,
+    validate_clip_level: float, ingest_training_language: str,
+):
+    """The new dataset against the production model's drift reference (Evidently); a failed gate stops
+    the run before training, naming the drifted columns. Empty ``reference_uri``: nothing to compare."""
+    from components.tasks import drift_check_task
+
+    drift_check_task(dict(locals()))
+
+
+def drift_profile(
+    dataset: Input[Dataset], model: Input[Model], drift_reference: Output[Artifact], data_md5: str,
+    drift_reference_splits: list, audio_silence_rms_dbfs: float, validate_clip_level: float,
+    ingest_training_language: str,
+):
+    """The trained model's drift reference: its training clips' features and embeddings, and the model."""
+    from components.tasks import drift_profile_task
+
+    drift_profile_task(dict(locals()))
+
+
 def package_model(
-    dataset: Input[Dataset], model: Input[Model], reports: Input[Artifact], index: Output[Artifact],
+    dataset: Input[Dataset], model: Input[Model], reports: Input[Artifact], drift_reference: Input[Artifact],
+    index: Output[Artifact],
     bento: Output[Model], data_md5: str, index_exact_below: int, index_hnsw_m: int, index_hnsw_ef_construction: int,
     index_hnsw_ef_search: int, index_include_audio: bool, package_model_name: str, package_min_val_gain: float,
     serve_max_upload_bytes: int, serve_max_audio_seconds: float, serve_max_texts: int, serve_max_text_chars: int,
     serve_max_k: int, serve_max_batch_size: int, serve_max_latency_ms: int, serve_timeout_s: int,
-    serve_max_concurrency: int, train_select_metric: str,
+    serve_max_concurrency: int, serve_drift_log_max_bytes: int, serve_drift_log_backups: int,
+    train_select_metric: str,
 ):
     """The dataset's index, then the quality gate: a model that passes leaves as a BentoML model archive
     and a Bento (the ``bento`` artifact); one that fails stops the run with the figures."""
@@ -142,8 +169,8 @@ def package_model(
 
 
 #: Every task runs in the CPU image except training, which runs in the CUDA one.
-_CPU = (shard_indices, launcher_gpus, ingest_shard, merge_shards, validate_dataset, embed_text, evaluate,
-        package_model)
+_CPU = (shard_indices, launcher_gpus, ingest_shard, merge_shards, validate_dataset, check_drift, embed_text,
+        evaluate, drift_profile, package_model)
 _CUDA = (train,)
 
 

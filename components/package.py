@@ -34,6 +34,7 @@ BENTO_ARCHIVE = "cacara-search.bento"
 BENTO_NAME = "cacara-search"
 SERVICE = "cacara.service:CacaraSearch"
 MODEL_ENV = "CACARA_BENTO_MODEL"
+DRIFT_REFERENCE = "drift_reference"  # the stored model's folder holding the drift profile (components/drift.py)
 #: Where an installed copy (the images) finds the pinned requirements the Bento installs.
 REQUIREMENTS_ENV = "CACARA_REQUIREMENTS"
 
@@ -86,13 +87,27 @@ def _files(root: Path) -> dict[str, str]:
 
 
 def package(model_dir: str | Path, index_dir: str | Path, out_dir: str | Path, config: PackageConfig,
-            metrics: str | Path | None = None, data_md5: str = "", export: bool = False) -> PackageResult:
+            metrics: str | Path | None = None, data_md5: str = "", export: bool = False,
+            drift_reference: str | Path | None = None) -> PackageResult:
     """Gate, store and build. ``metrics`` is the evaluate step's metrics.json (recorded, not gated on).
     ``export`` also writes both as archives into ``out_dir`` (``MODEL_ARCHIVE``, ``BENTO_ARCHIVE``): how
-    they leave a machine whose store is temporary (a Kubeflow task) for object storage."""
+    they leave a machine whose store is temporary (a Kubeflow task) for object storage.
+    ``drift_reference`` (the drift-profile step's output) travels with the model: the service measures its
+    requests as it was measured, and the serving-log check compares with it."""
     import bentoml
 
     model, index, out = Path(model_dir), Path(index_dir), Path(out_dir)
+    reference = Path(drift_reference) if drift_reference else None
+    from components.drift import PROFILE_MODEL, PROFILE_RECORD, is_profile, model_sha
+
+    if reference is not None:
+        if not is_profile(reference):
+            raise FileNotFoundError(f"{reference} is not a drift reference (no {PROFILE_RECORD}): "
+                                    "run `cacara drift-profile`")
+        made_by = json.loads((reference / PROFILE_RECORD).read_text()).get("model_sha256")
+        ours = model_sha(model)
+        if made_by != ours:
+            raise ValueError(f"{reference} was made with another model (ONNX sha256 {made_by}, this one {ours})")
     gate = quality_gate(model, config)
     out.mkdir(parents=True, exist_ok=True)
     model_config = json.loads((model / "config.json").read_text())
@@ -108,13 +123,19 @@ def package(model_dir: str | Path, index_dir: str | Path, out_dir: str | Path, c
     }
     # The version is a hash of what is stored: packaging the same model twice gives the same tags and the
     # same package.json (dvc.lock stays put), and a changed model a new version.
-    version = _digest({"model": _files(model), "index": _files(index), "metadata": metadata})
+    reference_files = ({k: v for k, v in _files(reference).items() if not k.startswith(PROFILE_MODEL + "/")}
+                       if reference is not None else None)
+    version = _digest({"model": _files(model), "index": _files(index), "metadata": metadata,
+                       **({"drift_reference": reference_files} if reference_files is not None else {})})
     tag = f"{config.package.model_name}:{version}"
     _forget(bentoml.models, tag)
     with bentoml.models.create(tag, labels={"part-of": "cacara"}, metadata=metadata) as stored:
         target = Path(stored.path)
         shutil.copytree(model, target / "model")
         shutil.copytree(index, target / "index")
+        if reference is not None:  # without its copy of the model: the stored model is that model
+            shutil.copytree(reference, target / DRIFT_REFERENCE, ignore=lambda d, names: (
+                [PROFILE_MODEL] if Path(d) == reference else []))
         sha = _files(target)
         (target / RECORD).write_text(json.dumps({**metadata, "sha256": sha}, indent=1, sort_keys=True))
     model_tag = str(stored.tag)

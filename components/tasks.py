@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cacara.config import (EmbedTextConfig, EvaluateConfig, IndexConfig, IngestConfig, PackageConfig, TrainConfig,
-                           ValidateConfig)
+from cacara.config import (DriftConfig, DriftProfileConfig, EmbedTextConfig, EvaluateConfig, IndexConfig,
+                           IngestConfig, PackageConfig, TrainConfig, ValidateConfig)
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,64 @@ def evaluate_task(values: dict[str, Any]) -> None:
                                        "checks": {k: v for k, v in checks.items() if not isinstance(v, list)}})
 
 
+def drift_profile_task(values: dict[str, Any]) -> None:
+    """The trained model's drift reference (its training clips' features and embeddings, and the model)."""
+    from components.drift import profile_reference
+
+    _setup_logging()
+    out = values["drift_reference"]
+    record = profile_reference(values["dataset"].path, values["model"].path, out.path,
+                               DriftProfileConfig.from_leaves(values))
+    out.metadata.update({"clips": record["clips"], "model_sha256": record["model_sha256"],
+                         "data_md5": values["data_md5"]})
+
+
+def drift_check_task(values: dict[str, Any]) -> None:
+    """The new dataset against the reference of the model in production (``reference_uri``: a local
+    folder or an fsspec URL of a drift-profile output). No reference: nothing to compare, said so in the
+    summary. A failed gate (policy fail) fails the task after the report is written: nothing trains."""
+    from components.drift import DriftGateFailed, REPORT_HTML, SUMMARY_JSON, check_drift, format_summary
+
+    _setup_logging()
+    reports, report = values["reports"], values["report"]
+    Path(reports.path).mkdir(parents=True, exist_ok=True)
+    uri = str(values["reference_uri"] or "").strip()
+    if not uri:
+        summary = {"skipped": "no drift reference given (reference_uri): nothing to compare with"}
+        (Path(reports.path) / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+        Path(report.path).write_text("<html><body><p>No drift reference was given: nothing to compare with."
+                                     "</p></body></html>", encoding="utf-8")
+        reports.metadata.update({"skipped": True, "data_md5": values["data_md5"]})
+        log.info("drift: %s", summary["skipped"])
+        return
+    reference = _local_copy(uri)
+    try:
+        summary = check_drift(reference, values["dataset"].path, reports.path, DriftConfig.from_leaves(values))
+    except DriftGateFailed as exc:
+        summary = exc.summary
+        log.error("%s", format_summary(summary))
+        raise
+    finally:
+        html = Path(reports.path) / REPORT_HTML
+        if html.exists():
+            shutil.copyfile(html, report.path)
+    log.info("%s", format_summary(summary))
+    reports.metadata.update({"passed": summary["passed"], "drifted": summary["drifted"],
+                             "data_md5": values["data_md5"]})
+
+
+def _local_copy(uri: str) -> Path:
+    """A folder on this machine holding what ``uri`` names (a path is used in place)."""
+    if "://" not in uri:
+        return Path(uri)
+    import fsspec
+
+    target = Path(tempfile.mkdtemp(prefix="cacara-reference-"))
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.get(path.rstrip("/") + "/", str(target), recursive=True)
+    return target
+
+
 def package_task(values: dict[str, Any]) -> None:
     """The index of the dataset, then the quality gate and the Bento; the model store lives in the task's
     own folder (a pod's disk goes with it), so what leaves the task is the ``bento`` artifact: the model
@@ -232,7 +290,7 @@ def package_task(values: dict[str, Any]) -> None:
         metrics = Path(values["reports"].path) / "metrics.json"
         result = package(values["model"].path, index.path, bento.path, PackageConfig.from_leaves(values),
                          metrics=metrics if metrics.exists() else None, data_md5=values["data_md5"],
-                         export=True)
+                         export=True, drift_reference=values["drift_reference"].path)
     finally:
         shutil.rmtree(store, ignore_errors=True)
     bento.metadata.update({"model_tag": result.model_tag, "bento_tag": result.bento_tag, "data_md5": values["data_md5"],

@@ -1,4 +1,4 @@
-"""The training pipeline: ingest (sharded) -> validate -> embed_text -> train -> evaluate -> package, on Kubeflow.
+"""The training pipeline: ingest (sharded) -> validate -> drift -> embed_text -> train -> evaluate -> package, on Kubeflow.
 
 Its parameters mirror params.yaml: one per value a step reads (``train_epochs`` is ``train.epochs``),
 built from the typed configs (cacara/config.py), with params.yaml's values as defaults; plus the
@@ -19,8 +19,9 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from cacara.config import (STEP_CONFIGS, ClusterSection, EmbedTextConfig, EvaluateConfig, IndexConfig,
-                           IngestConfig, PackageConfig, TrainConfig, ValidateConfig, flat_params, validate_params)
+from cacara.config import (STEP_CONFIGS, ClusterSection, DriftConfig, DriftProfileConfig, EmbedTextConfig,
+                           EvaluateConfig, IndexConfig, IngestConfig, PackageConfig, TrainConfig, ValidateConfig,
+                           flat_params, validate_params)
 
 PIPELINE_NAME = "cacara-training"
 COMPILED = Path(__file__).resolve().parent / "training.yaml"
@@ -62,7 +63,7 @@ def parameter_types() -> dict[str, type]:
 def run_parameters(params: Mapping[str, Any], md5: str = "") -> dict[str, tuple[type, Any]]:
     """The run's own parameters (not step settings), with their defaults."""
     cluster = validate_params(params).cluster
-    return {"source_uri": (str, params["data"]["source"]), "data_md5": (str, md5),
+    return {"source_uri": (str, params["data"]["source"]), "data_md5": (str, md5), "drift_reference_uri": (str, ""),
             "ingest_shards": (int, cluster.ingest_shards), "train_nodes": (int, cluster.train_nodes),
             "train_gpus": (int, cluster.train_gpus)}
 
@@ -164,27 +165,34 @@ def _graph(values: Mapping[str, Any], cluster: ClusterSection) -> None:
     dataset = merged.outputs["dataset"]
     validated = _cpu_task(c.validate_dataset(dataset=dataset, data_md5=md5, **_settings(values, ValidateConfig)),
                           cluster)
+    drift = _cpu_task(c.check_drift(dataset=dataset, data_md5=md5, reference_uri=values["drift_reference_uri"],
+                                    **_settings(values, DriftConfig)), cluster)
+    _reads_remote_storage(drift, cluster)  # the reference lives in object storage
+    drift.after(validated)
     texts = _cpu_task(c.embed_text(dataset=dataset, data_md5=md5, **_settings(values, EmbedTextConfig)), cluster)
-    texts.after(validated)  # nothing trains on data that failed validation
+    texts.after(validated, drift)  # nothing trains on data that failed validation or drifted
     text_emb = texts.outputs["text_emb"]
     gpus = _cpu_task(c.launcher_gpus(train_nodes=values["train_nodes"], train_gpus=values["train_gpus"]), cluster)
     model = _train(values, cluster, dataset, text_emb, "", gpus.output).outputs["model"]
+    reference = _cpu_task(c.drift_profile(dataset=dataset, model=model, data_md5=md5,
+                                          **_settings(values, DriftProfileConfig)), cluster).outputs["drift_reference"]
     common = dict(dataset=dataset, text_emb=text_emb, data_md5=md5, **_settings(values, EvaluateConfig))
     with dsl.If(values["evaluate_english_only_contrast"] == True, name="with-english-only-contrast"):  # noqa: E712
         english = _train(values, cluster, dataset, text_emb, values["evaluate_english_only_text_encoder"],
                          gpus.output).set_display_name("train-english-only")
         evaluated = _cpu_task(c.evaluate(model=model, english_only_model=english.outputs["model"], **common), cluster)
-        _package(values, cluster, dataset, model, evaluated)
+        _package(values, cluster, dataset, model, evaluated, reference)
     with dsl.Else(name="without-contrast"):
         evaluated = _cpu_task(c.evaluate(model=model, **common), cluster)
-        _package(values, cluster, dataset, model, evaluated)
+        _package(values, cluster, dataset, model, evaluated, reference)
 
 
-def _package(values: Mapping[str, Any], cluster: ClusterSection, dataset, model, evaluated) -> None:
+def _package(values: Mapping[str, Any], cluster: ClusterSection, dataset, model, evaluated, reference) -> None:
     """After evaluation, with its metrics; the quality gate decides whether anything is packaged. (One
     call per branch: kfp.local cannot resolve a ``dsl.OneOf`` of the branches' outputs.)"""
     _cpu_task(_components(cluster).package_model(
-        dataset=dataset, model=model, reports=evaluated.outputs["reports"], data_md5=values["data_md5"],
+        dataset=dataset, model=model, reports=evaluated.outputs["reports"], drift_reference=reference,
+        data_md5=values["data_md5"],
         **_settings(values, IndexConfig), **_settings(values, PackageConfig)), cluster)
 
 

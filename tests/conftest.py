@@ -111,10 +111,11 @@ def packaged(tmp_path_factory):
     import shutil
     from types import SimpleNamespace
 
-    from cacara.config import EmbedTextConfig, IndexConfig, PackageConfig, TrainConfig
+    from cacara.config import DriftProfileConfig, EmbedTextConfig, IndexConfig, PackageConfig, TrainConfig
     from cacara.manifest import read_manifest, write_manifest
     from cacara.params import load_params
     from components.embed_text import embed_text
+    from components.drift import profile_reference
     from components.index import build_index
     from components.package import package
     from components.train import train
@@ -132,13 +133,16 @@ def packaged(tmp_path_factory):
     embed_text(dataset, root / "text_emb", EmbedTextConfig.from_params(params))
     train(dataset, root / "text_emb", root / "train", TrainConfig.from_params(params))
     build_index(dataset, root / "train" / "model", root / "index", IndexConfig.from_params(params))
+    profile_reference(dataset, root / "train" / "model", root / "drift_reference",
+                      DriftProfileConfig.from_params(params))
     use_bentoml_home(root / "bentoml")
     result = package(root / "train" / "model", root / "index", root / "package", PackageConfig.from_params(params),
-                     data_md5="0" * 32)
+                     data_md5="0" * 32, drift_reference=root / "drift_reference")
     assert json.loads((root / "package" / "package.json").read_text())["model_tag"] == result.model_tag
     return SimpleNamespace(home=root / "bentoml", model_tag=result.model_tag, bento_tag=result.bento_tag,
                            dataset=dataset, model_dir=root / "train" / "model", index_dir=root / "index",
-                           package_dir=root / "package", params=params, clips=clips)
+                           package_dir=root / "package", params=params, clips=clips,
+                           drift_reference=root / "drift_reference")
 
 
 def free_port() -> int:
@@ -151,8 +155,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def served(packaged, tmp_path_factory):
-    """The packaged Bento served by ``cacara serve`` (``bentoml serve``) on a free loopback port; stopped
-    by its PID (the whole process group: bentoml starts worker processes)."""
+    """The packaged Bento served by ``cacara serve`` (``bentoml serve``) on a free loopback port, logging
+    audio requests for drift checks into ``drift_log``; stopped by its PID (the whole process group:
+    bentoml starts worker processes)."""
     import signal
     import subprocess
     import sys
@@ -161,8 +166,9 @@ def served(packaged, tmp_path_factory):
     from types import SimpleNamespace
 
     port = free_port()
-    log = tmp_path_factory.mktemp("served") / "serve.log"
-    env = {**os.environ, "BENTOML_HOME": str(packaged.home)}
+    folder = tmp_path_factory.mktemp("served")
+    log, drift_log = folder / "serve.log", folder / "drift_log"
+    env = {**os.environ, "BENTOML_HOME": str(packaged.home), "CACARA_DRIFT_LOG_DIR": str(drift_log)}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cacara.cli", "serve", "--package", str(packaged.package_dir),
                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -182,7 +188,7 @@ def served(packaged, tmp_path_factory):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bentoml serve not ready after 180 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield SimpleNamespace(url=url, port=port, pid=proc.pid, log=log)
+        yield SimpleNamespace(url=url, port=port, pid=proc.pid, log=log, drift_log=drift_log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

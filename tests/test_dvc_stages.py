@@ -30,6 +30,8 @@ STAGES = {
     "evaluate": ("components.evaluate", "evaluate"),
     "index": ("components.index", "index"),
     "package": ("components.package", "package"),
+    "drift_profile": ("components.drift", "profile"),
+    "drift": ("components.drift", "drift"),
 }
 #: Code a stage's output holds besides what its step imports: the Bento carries the service.
 PACKAGED = {"package": ("cacara.service",)}

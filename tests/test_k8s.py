@@ -23,7 +23,8 @@ OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSION = "1.32.0"
 NAMESPACES = {"dev": "kubeflow-user-example-com", "prod": "cacara-prod"}
 SERVING_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-                 "Ingress", "ServiceAccount", "ConfigMap", "PriorityClass"}
+                 "Ingress", "ServiceAccount", "ConfigMap", "PriorityClass", "PersistentVolumeClaim", "CronJob"}
+DRIFT_LOG_CLAIM = "cacara-serving-log"  # the one writable volume that is not an emptyDir: the request log
 SEARCH = "cacara-search"
 SEARCH_TAGS = {"dev": "main", "prod": "0.1.0"}
 
@@ -55,7 +56,8 @@ def test_overlay_builds_into_the_expected_objects(built):
                             "PriorityClass", "ConfigMap", "TrainJob",
                             # serving (k8s/base/serving)
                             "ServiceAccount", "PriorityClass", "ConfigMap", "Deployment", "Service",
-                            "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Ingress"])
+                            "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Ingress",
+                            "PersistentVolumeClaim", "CronJob"])
     for d in docs:
         assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cacara"
         if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "PriorityClass"):
@@ -140,8 +142,11 @@ def _deployment(docs: list[dict]) -> dict:
     return _one(docs, "Deployment", SEARCH)
 
 
-def _pod(deployment: dict) -> dict:
-    return deployment["spec"]["template"]["spec"]
+def _pod(workload: dict) -> dict:
+    """The pod spec of a Deployment or of a CronJob's jobs."""
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return workload["spec"]["template"]["spec"]
 
 
 def _containers(pod: dict) -> list[dict]:
@@ -215,13 +220,18 @@ def writable_path_problems(deployment: dict) -> list[str]:
     /tmp in every container, and every path the env points a program at for writing."""
     pod = _pod(deployment)
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
-    problems = [f"volume {n} is not an emptyDir" for n, v in volumes.items() if set(v) != {"name", "emptyDir"}]
+    def log_claim(v: dict) -> bool:
+        return set(v) == {"name", "persistentVolumeClaim"} and v["persistentVolumeClaim"].get("claimName") == DRIFT_LOG_CLAIM
+
+    problems = [f"volume {n} is not an emptyDir" for n, v in volumes.items()
+                if set(v) != {"name", "emptyDir"} and not log_claim(v)]
     problems += [f"volume {n}: emptyDir without sizeLimit" for n, v in volumes.items()
                  if "emptyDir" in v and not (v["emptyDir"] or {}).get("sizeLimit")]
     for c in _containers(pod):
         writable = [m["mountPath"] for m in c.get("volumeMounts") or [] if not m.get("readOnly")]
         for m in c.get("volumeMounts") or []:
-            if not m.get("readOnly") and "emptyDir" not in volumes.get(m["name"], {}):
+            volume = volumes.get(m["name"], {})
+            if not m.get("readOnly") and "emptyDir" not in volume and not log_claim(volume):
                 problems.append(f"{c['name']}: writable mount {m['mountPath']} is not an emptyDir")
         if "/tmp" not in writable:
             problems.append(f"{c['name']}: no writable /tmp")
@@ -229,7 +239,7 @@ def writable_path_problems(deployment: dict) -> list[str]:
             value = _env(c).get(name, {}).get("value")
             if value is not None and not any(value == p or value.startswith(p.rstrip("/") + "/") for p in writable):
                 problems.append(f"{c['name']}: {name}={value} is not under a writable emptyDir mount")
-    if "BENTOML_HOME" not in _env(_search_container(pod)):
+    if deployment["kind"] == "Deployment" and "BENTOML_HOME" not in _env(_search_container(pod)):
         problems.append("search: BENTOML_HOME is not set")
     return problems
 
@@ -436,3 +446,62 @@ def test_search_pods_run_as_their_own_tokenless_identity(built):
                 and SEARCH in str(d.get("subjects", "")) + d["metadata"]["name"]], "no RBAC for the service"
     priority = _one(docs, "PriorityClass", pod["priorityClassName"])
     assert priority["value"] > _one(docs, "PriorityClass", "cacara-training")["value"]
+
+
+# -------------------------------------------------------------------------------------- drift check
+
+
+DRIFT_CHECKS = ("security", "writable paths", "resources")
+
+
+@pytest.mark.parametrize("check", DRIFT_CHECKS)
+def test_drift_cronjob_pods_pass_the_platform_checks(built, check):
+    _, docs = built
+    assert CHECKS[check](_one(docs, "CronJob", "cacara-drift")) == []
+
+
+def test_search_pods_log_requests_where_the_drift_cronjob_reads_them(built):
+    """The service writes CACARA_DRIFT_LOG_DIR on the shared claim; the CronJob mounts the same claim there
+    read-only and runs `cacara drift` against the packaged model's drift reference."""
+    overlay, docs = built
+    claim = _one(docs, "PersistentVolumeClaim", DRIFT_LOG_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every replica writes its own file on one volume"
+    deployment, cronjob = _deployment(docs), _one(docs, "CronJob", "cacara-drift")
+
+    def mount(workload: dict, container: str, path: str) -> dict:
+        pod = _pod(workload)
+        c = next(c for c in _containers(pod) if c["name"] == container)
+        m = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+        volume = next(v for v in pod["volumes"] if v["name"] == m["name"])
+        return {"claim": volume["persistentVolumeClaim"]["claimName"], "readOnly": bool(m.get("readOnly")),
+                "subPath": m.get("subPath")}
+
+    log_dir = _env(_search_container(_pod(deployment)))["CACARA_DRIFT_LOG_DIR"]["value"]
+    assert mount(deployment, "search", log_dir) == {"claim": DRIFT_LOG_CLAIM, "readOnly": False, "subPath": None}
+    assert mount(cronjob, "drift", log_dir) == {"claim": DRIFT_LOG_CLAIM, "readOnly": True, "subPath": None}
+    assert mount(cronjob, "drift", "/reports")["subPath"] == "reports"
+    drift = next(c for c in _pod(cronjob)["containers"] if c["name"] == "drift")
+    script = drift["command"][-1]
+    assert f"--current {log_dir}" in script and "/drift_reference" in script and script.lstrip().startswith("model=")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert _pod(cronjob)["restartPolicy"] == "Never"
+    image_name = _params()["cluster"]["image"].rsplit(":", 1)[0]
+    assert {c["image"] for c in _containers(_pod(cronjob))} == {f"{image_name}:{SEARCH_TAGS[overlay]}"}
+    served = _env(_search_container(_pod(deployment)))["CACARA_BENTO_MODEL"]["valueFrom"]["configMapKeyRef"]
+    checked = _env(drift)["CACARA_BENTO_MODEL"]["valueFrom"]["configMapKeyRef"]
+    assert checked == served and checked["name"].startswith("cacara-serving-"), "the hashed name: rolls with it"
+
+
+def test_drift_cronjob_command_is_a_real_cacara_invocation(built):
+    """The flags the CronJob passes are flags `cacara drift` takes."""
+    from cacara.cli import build_parser
+
+    _, docs = built
+    drift = next(c for c in _pod(_one(docs, "CronJob", "cacara-drift"))["containers"] if c["name"] == "drift")
+    line = drift["command"][-1].split("exec ", 1)[1].replace("\\\n", " ")
+    argv = line.replace('"$model/drift_reference"', "/m/drift_reference").replace(
+        '"/reports/$(date -u +%Y-%m-%d)"', "/reports/x").split()
+    assert argv[0] == "cacara"
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.reference, args.current, args.out) == ("drift", "/m/drift_reference",
+                                                                     "/var/log/cacara", "/reports/x")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def test_packaging_the_same_model_again_gives_the_same_tags_and_record(packaged,
     from components.package import package
 
     again = package(packaged.model_dir, packaged.index_dir, tmp_path / "out", PackageConfig.from_params(packaged.params),
-                    data_md5="0" * 32)
+                    data_md5="0" * 32, drift_reference=packaged.drift_reference)
     assert (again.model_tag, again.bento_tag) == (packaged.model_tag, packaged.bento_tag)
     assert (tmp_path / "out" / "package.json").read_bytes() == (packaged.package_dir / "package.json").read_bytes()
 
@@ -152,3 +153,24 @@ def test_the_bento_serves_its_own_copy_of_the_code(packaged):
                           env={**os.environ, "CACARA_BENTO_MODEL": packaged.model_tag}, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0].startswith(src)
+
+
+def test_the_drift_reference_travels_with_the_model_and_must_be_its_own(packaged, tmp_path):
+    """Stored beside the model without its copy of the model (the stored model is that model); a
+    reference another model made is refused before anything is stored."""
+    import bentoml
+
+    from components.package import DRIFT_REFERENCE, package
+
+    stored = Path(bentoml.models.get(packaged.model_tag).path) / DRIFT_REFERENCE
+    assert (stored / "profile.json").is_file() and (stored / "embeddings.npy").is_file()
+    assert not (stored / "model").exists()
+    other = tmp_path / "other_reference"
+    shutil.copytree(packaged.drift_reference, other)
+    record = json.loads((other / "profile.json").read_text())
+    (other / "profile.json").write_text(json.dumps({**record, "model_sha256": "0" * 64}))
+    before = {str(m.tag) for m in bentoml.models.list()}
+    with pytest.raises(ValueError, match="made with another model"):
+        package(packaged.model_dir, packaged.index_dir, tmp_path / "out", PackageConfig.from_params(packaged.params),
+                data_md5="0" * 32, drift_reference=other)
+    assert {str(m.tag) for m in bentoml.models.list()} == before

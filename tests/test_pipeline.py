@@ -35,6 +35,8 @@ COMPONENTS = {
                         "cluster_trainjob_timeout_s"}),
     "evaluate": ("evaluate", {"data_md5"}),
     "package_model": ("package", {"data_md5", *STEP_CONFIGS["index"].leaves()}),
+    "check_drift": ("drift", {"data_md5", "reference_uri"}),
+    "drift_profile": ("profile", {"data_md5"}),
 }
 
 
@@ -208,7 +210,8 @@ def test_submit_says_clearly_when_the_api_refuses_or_is_unreachable():
 LOCAL_OVERRIDES = {"model.text_encoder": "use-multilingual", "train.epochs": 2, "train.batch_size": 8,
                    "train.warmup_epochs": 1, "evaluate.chance_draws": 2, "evaluate.min_captions": 1,
                    "evaluate.bootstrap_draws": 200, "validate.split_tolerance": 1.0,
-                   "package.min_val_gain": -100.0}  # two epochs on 14 clips: the gate is tested in test_package
+                   "package.min_val_gain": -100.0,  # two epochs on 20 clips: the gate is tested in test_package
+                   "drift.policy": "warn"}  # 36 clips: the drift gate is tested in test_drift
 
 
 @pytest.mark.slow
@@ -216,7 +219,8 @@ def test_run_local_gives_the_metrics_dvc_repro_gives(tmp_path):
     """Same clips, same params: kfp.local (2 ingest shards, fresh folders per task) and `dvc repro`
     (one shard, outputs reused in place) must report the same metrics: every value equal to the JSON's
     3 decimals (measured: identical files)."""
-    source = demo_subset(tmp_path / "src", {"train": 14, "val": 5, "test": 5})
+    # Evidently's embeddings drift needs 32 clips over both sides: 20 train (the reference) + 16 held out.
+    source = demo_subset(tmp_path / "src", {"train": 20, "val": 8, "test": 8})
     params = load_params(overrides=LOCAL_OVERRIDES)
     training.run_local(params, tmp_path / "kfp", source, md5="subset", ingest_shards=2)
     kfp_metrics = sorted((tmp_path / "kfp").glob("*/evaluate/reports/metrics.json"))
@@ -267,4 +271,26 @@ def test_a_failed_validation_stops_the_run_before_training(tmp_path):
         training.run_local(params, tmp_path / "kfp", source, md5="subset")
     report = json.loads(next((tmp_path / "kfp").glob("*/validate-dataset/reports/validation.json")).read_text())
     assert report["success"] is False and "split_fractions" in report["failed_critical"]
+    assert not list((tmp_path / "kfp").glob("*/train*")) and not list((tmp_path / "kfp").glob("*/embed-text*"))
+
+
+def test_a_drifted_dataset_stops_the_run_before_training(tmp_path, packaged):
+    """kfp.local runs the real check-drift task against a model's drift reference (the `packaged` model's,
+    given as ``drift_reference_uri``): the same demo clips 30 dB quieter fail it, naming the columns, and
+    neither caption embedding nor training runs."""
+    import numpy as np
+    import soundfile as sf
+
+    source = demo_subset(tmp_path / "src", {"train": 6, "val": 8, "test": 8})
+    for path in (source / "audio").iterdir():
+        wave, rate = sf.read(str(path), dtype="float32")
+        sf.write(str(path), wave * np.float32(10 ** (-30 / 20)), rate)
+    params = load_params(overrides={**LOCAL_OVERRIDES, "drift.policy": "fail"})
+    with pytest.raises(RuntimeError, match="Inner task failed: .*check-drift"):
+        training.run_local(params, tmp_path / "kfp", source, md5="quiet",
+                           drift_reference_uri=str(packaged.drift_reference))
+    summary = json.loads(next((tmp_path / "kfp").glob("*/check-drift/reports/drift.json")).read_text())
+    assert not summary["passed"] and "rms_dbfs" in summary["drifted"]
+    html = next((tmp_path / "kfp").glob("*/check-drift/report"))
+    assert "window.drawDashboard(" in html.read_text(encoding="utf-8"), "the HTML artifact is the Evidently report"
     assert not list((tmp_path / "kfp").glob("*/train*")) and not list((tmp_path / "kfp").glob("*/embed-text*"))

@@ -18,6 +18,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -290,6 +291,70 @@ def test_batcher_batches_what_is_queued_and_fails_only_its_own_batch():
     assert after == 10 and batcher.batches[-1] == 1
 
 
+def test_batcher_prepares_in_the_batch_thread_and_a_refused_item_fails_only_itself():
+    import asyncio
+    import threading
+
+    from cacara.serving import Batcher
+
+    threads: dict[str, set[int]] = {"prepare": set(), "fn": set()}
+
+    def prepare(item):
+        threads["prepare"].add(threading.get_ident())
+        if item == "bad":
+            raise ValueError("not audio")
+        return len(item)
+
+    def lengths(items):
+        threads["fn"].add(threading.get_ident())
+        return [10 * n for n in items]
+
+    async def scenario():
+        batcher = Batcher(lengths, max_batch_size=8, prepare=prepare)
+        got = await asyncio.gather(*(batcher.submit(x) for x in ["a", "bad", "ccc", "dd"]), return_exceptions=True)
+        return batcher, got, threading.get_ident()
+
+    batcher, got, loop_thread = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert got[0] == 10 and got[2] == 30 and got[3] == 20, got
+    assert isinstance(got[1], ValueError) and "not audio" in str(got[1])
+    assert batcher.batches == [4], "the refused item was queued with the others, and failed alone"
+    assert threads["prepare"] == threads["fn"] and loop_thread not in threads["fn"], "one thread, off the loop"
+
+
+def test_max_batch_size_1_turns_batching_off(packaged, tmp_path, monkeypatch):
+    """BentoML refuses a batchable API with max_batch_size 1: the service declares embed_text unbatched."""
+    import bentoml
+    import yaml
+
+    from cacara.config import ServeSection
+
+    limits = ServeSection.model_validate({**packaged.params["serve"], "max_batch_size": 1})
+    assert not limits.batching and limits.max_texts > 1, "without batching, max_texts is not bounded by a batch"
+    source = Path(bentoml.models.get(packaged.model_tag).path)
+    name, version = packaged.model_tag.split(":")
+    home = tmp_path / "home"
+    shutil.copytree(source, home / "models" / name / version)
+    info_file = home / "models" / name / version / "model.yaml"
+    info = yaml.safe_load(info_file.read_text())
+    info["metadata"]["serve"]["max_batch_size"] = 1
+    info_file.write_text(yaml.safe_dump(info, sort_keys=False, allow_unicode=True))
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    monkeypatch.setenv("CACARA_BENTO_MODEL", packaged.model_tag)
+    code = f"""
+import json, sys
+from starlette.testclient import TestClient
+import cacara.service as s
+assert not s.CacaraSearch.apis["embed_text"].batchable
+with TestClient(s.CacaraSearch.to_asgi()) as c:
+    r = c.post("/embed_text", json={{"texts": ["a dog barks", "un perro ladra"]}})
+    info = c.get("/info").json()
+print(json.dumps([r.status_code, len(r.json()), info["limits"]["max_batch_size"]]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [200, 2, 1]
+
+
 def test_traffic_limits_come_from_the_packaged_settings(client, packaged):
     config = client.service.CacaraSearch.config
     assert config["traffic"]["timeout"] == packaged.params["serve"]["timeout_s"]
@@ -445,6 +510,37 @@ def test_a_bad_request_never_fails_the_good_ones_batched_with_it(served):
         statuses = list(pool.map(post, bodies))
     assert [s for s, b in zip(statuses, bodies) if b != ["   "]] == [200] * 36
     assert [s for s, b in zip(statuses, bodies) if b == ["   "]] == [400] * 12
+
+
+def test_served_process_logs_audio_requests_for_drift_checks_without_audio_or_text(served, packaged):
+    """One record per audio request (embed_audio, search_audio, classify), none for text requests; the
+    records hold the features and the vector the client got, and `read_log` takes them."""
+    import urllib.request
+
+    from components.drift import read_log
+
+    def lines() -> list[dict]:
+        return [json.loads(l) for f in sorted(served.drift_log.glob("requests-*")) for l in f.read_text().splitlines()]
+
+    with urllib.request.urlopen(served.url + "/info", timeout=30) as r:
+        assert Path(json.load(r)["drift_log"]).parent == served.drift_log
+    before = len(lines()) if served.drift_log.exists() else 0
+    clip = packaged.dataset / packaged.clips[0].audio_path
+    import bentoml
+
+    with bentoml.SyncHTTPClient(served.url, timeout=120) as client:
+        vector = np.asarray(client.embed_audio(audio=clip))
+        client.search_audio(audio=clip, k=3)
+        client.classify(audio=clip, labels=["a dog", "un perro"])
+        client.embed_text(texts=["a private sentence nobody may log"])
+        client.search(query="another private query", k=3)
+    records = lines()[before:]
+    assert [r["endpoint"] for r in records] == ["embed_audio", "search_audio", "classify"]
+    np.testing.assert_allclose(records[0]["embedding"], vector, atol=1e-6)
+    text = "\n".join(f.read_text() for f in served.drift_log.glob("requests-*"))
+    assert "private" not in text and "perro" not in text and packaged.clips[0].clip_id not in text
+    assert records[0]["orig_sample_rate"] == 16000 and records[0]["duration_s"] > 0
+    assert len(read_log(served.drift_log).features) >= 3
 
 
 def test_served_process_refuses_bad_input_and_stays_ready(served, tmp_path):
