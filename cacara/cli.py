@@ -149,17 +149,24 @@ def cmd_drift_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_drift(args: argparse.Namespace) -> int:
-    """Exit 1 when the gate fails (policy fail), naming the drifted columns; 0 otherwise."""
-    from cacara.config import DriftConfig
-    from components.drift import DriftGateFailed, check_drift, format_summary
+DRIFT_CANNOT_COMPARE = 2  # `cacara drift`: the batches could not be compared (1: the gate failed)
 
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    """Exit 1 when the gate fails (policy fail), naming the drifted columns; 2 when the batches cannot be
+    compared (too few clips, a malformed manifest or log): a scheduler tells a drift from a quiet day."""
+    from cacara.config import DriftConfig
+    from components.drift import DriftGateFailed, DriftInputError, check_drift, format_summary
+
+    config = DriftConfig.from_params(_params(args))
     try:
-        summary = check_drift(args.reference, args.current, args.out, DriftConfig.from_params(_params(args)),
-                              model_dir=args.model)
+        summary = check_drift(args.reference, args.current, args.out, config, model_dir=args.model)
     except DriftGateFailed as exc:
         print(format_summary(exc.summary))
         raise
+    except DriftInputError as exc:
+        log.error("drift: cannot compare: %s", exc)
+        return DRIFT_CANNOT_COMPARE
     print(format_summary(summary))
     return 0
 

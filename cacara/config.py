@@ -201,8 +201,18 @@ class DriftSection(Section):
     embeddings_method: Literal["mmd", "model", "distance"]
     embeddings_threshold: float = Field(gt=0)
     min_rows: int = Field(ge=3, le=100000)
+    max_rows: int = Field(ge=32, le=100000)
     reference_splits: list[Split] = Field(min_length=1)
     current_splits: list[Split] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _threshold_fits_the_method(self) -> "DriftSection":
+        if self.embeddings_method == "model" and not 0.5 < self.embeddings_threshold < 1:
+            raise ValueError(f"embeddings_threshold {self.embeddings_threshold}: the model method scores a ROC AUC "
+                             "(0.5 = no drift), so its threshold lies between 0.5 and 1")
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"min_rows ({self.min_rows}) is above max_rows ({self.max_rows})")
+        return self
 
 
 class Toleration(Section):

@@ -197,9 +197,13 @@ def _drift_log(root: str):
     if not reference.is_dir():
         log.warning("%s is set but the packaged model has no drift reference: no request log", DRIFT_LOG_ENV)
         return None
-    settings = profile_settings(reference)
-    drift_log = DriftLog(folder, LIMITS.drift_log_max_bytes, LIMITS.drift_log_backups,
-                         settings["silence_rms_dbfs"], settings["clip_level"], model=model_sha(Path(root) / "model"))
+    try:
+        settings = profile_settings(reference)
+        drift_log = DriftLog(folder, LIMITS.drift_log_max_bytes, LIMITS.drift_log_backups,
+                             settings["silence_rms_dbfs"], settings["clip_level"], model=model_sha(Path(root) / "model"))
+    except Exception as exc:  # noqa: BLE001  an unwritable volume costs the log, never the service
+        log.warning("no request log in %s: %s; serving without it", folder, exc)
+        return None
     log.info("logging audio requests' drift features to %s", drift_log.path)
     return drift_log
 
@@ -227,7 +231,8 @@ class CacaraSearch:
     async def embed_audio(self, audio: Audio) -> np.ndarray:
         """One uploaded audio file (any format soundfile reads, any rate) -> its embedding, a JSON array."""
         # Decoded and embedded in one batch thread. The vector is written by orjson: BentoML's own
-        # serialisation of 896 floats takes 0.6 ms, 4% of a 10-s clip's time; the body is the same JSON array.
+        # serialisation of 896 floats takes 0.6 ms, 4% of a 10-s clip's time; the body is the same JSON array
+        # (the annotation keeps the OpenAPI schema; over HTTP clients get that array, in-process a Response).
         try:
             vector = await self.audio_batches.submit(audio)
         except RequestRefused as exc:
@@ -250,7 +255,7 @@ class CacaraSearch:
         rows = await self._off_loop(self.engine.classify, await self._decode(audio), labels, language)
         return [LabelScore(**row) for row in rows]
 
-    async def _decode(self, audio: Path) -> np.ndarray:
+    async def _decode(self, audio: Path):  # -> cacara.audio.DecodedAudio
         return await self._off_loop(self.engine.decode_upload, audio)
 
     @staticmethod

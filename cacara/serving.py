@@ -132,11 +132,18 @@ def load_embedder(model_dir: str | Path) -> "Embedder":
     from cacara.embed import Embedder
     from model.inference import TorchAudioEmbedder
 
+    from model.text_encoders import HF_PREFIX
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    embedder = Embedder.load(model_dir)
-    if isinstance(embedder.audio, TorchAudioEmbedder):  # torch embeds the audio: it gets its threads back
-        torch.set_num_threads(threads)
+    embedder = None
+    try:
+        embedder = Embedder.load(model_dir)
+    finally:
+        # Torch embeds the audio (CUDA, hf: encoders) or a text tower (hf:): it gets its threads back.
+        if embedder is None or isinstance(embedder.audio, TorchAudioEmbedder) or \
+                HF_PREFIX in str(embedder.model.config.get("text_encoder", "")):
+            torch.set_num_threads(threads)
     return embedder
 
 
@@ -150,6 +157,7 @@ class SearchEngine:
         self.name = name or self.root.name
         self.limits = limits
         self.drift_log = drift_log
+        self.drift_log_errors, self._drift_log_warned = 0, float("-inf")
         self.record = json.loads((self.root / "package.json").read_text())
         self.embedder = load_embedder(self.root / "model")
         self.index = ClipIndex(self.root / "index")
@@ -208,9 +216,20 @@ class SearchEngine:
                 if isinstance(wave, audio.DecodedAudio):
                     try:
                         self.drift_log.append(wave, row, endpoint)
-                    except OSError as exc:  # a full or lost log volume must not fail the request
-                        log.warning("drift log: %s", exc)
+                    except Exception as exc:  # noqa: BLE001  a full or lost log volume never fails a request
+                        self._drift_log_failed(exc)
         return rows
+
+    def _drift_log_failed(self, exc: Exception) -> None:
+        """Said once a minute at most: every request of a busy service would repeat it."""
+        import time
+
+        now = time.monotonic()
+        self.drift_log_errors += 1
+        if now - self._drift_log_warned > 60:
+            self._drift_log_warned = now
+            log.warning("drift log: %s (%d records lost so far); requests are answered all the same",
+                        exc, self.drift_log_errors)
 
     def _hits(self, rows: list[tuple[int, float]], language: str | None) -> list[Hit]:
         hits = []
@@ -255,4 +274,6 @@ class SearchEngine:
                 "text_encoder": config["text_encoder"], "audio_encoder": config["audio_encoder"],
                 "dim": self.embedder.dim, "index_size": len(self.index), "index_kind": self.index.record["kind"],
                 "quality_gate": self.record.get("quality_gate"), "limits": self.limits.model_dump(),
-                "drift_log": str(self.drift_log.path) if self.drift_log is not None else None}
+                "drift_log": str(self.drift_log.path) if self.drift_log is not None else None,
+                "drift_log_errors": self.drift_log_errors + int(getattr(self.drift_log, "errors", 0)),
+                "drift_log_dropped": int(getattr(self.drift_log, "dropped", 0))}

@@ -129,7 +129,7 @@ def evaluate(
 def check_drift(
     dataset: Input[Dataset], reports: Output[Artifact], report: Output[HTML], data_md5: str, reference_uri: str,
     drift_policy: str, drift_alpha: float, drift_columns: list, drift_pca_components: int,
-    drift_embeddings_method: str, drift_embeddings_threshold: float, drift_min_rows: int,
+    drift_embeddings_method: str, drift_embeddings_threshold: float, drift_min_rows: int, drift_max_rows: int,
     drift_reference_splits: list, drift_current_splits: list, audio_silence_rms_dbfs: float,
     validate_clip_level: float, ingest_training_language: str,
 ):

@@ -244,7 +244,7 @@ def drift_check_task(values: dict[str, Any]) -> None:
         reports.metadata.update({"skipped": True, "data_md5": values["data_md5"]})
         log.info("drift: %s", summary["skipped"])
         return
-    reference = _local_copy(uri)
+    reference, copied = _local_copy(uri)
     try:
         summary = check_drift(reference, values["dataset"].path, reports.path, DriftConfig.from_leaves(values))
     except DriftGateFailed as exc:
@@ -255,21 +255,24 @@ def drift_check_task(values: dict[str, Any]) -> None:
         html = Path(reports.path) / REPORT_HTML
         if html.exists():
             shutil.copyfile(html, report.path)
+        if copied:
+            shutil.rmtree(reference, ignore_errors=True)
     log.info("%s", format_summary(summary))
     reports.metadata.update({"passed": summary["passed"], "drifted": summary["drifted"],
                              "data_md5": values["data_md5"]})
 
 
-def _local_copy(uri: str) -> Path:
-    """A folder on this machine holding what ``uri`` names (a path is used in place)."""
+def _local_copy(uri: str) -> tuple[Path, bool]:
+    """A folder on this machine holding what ``uri`` names, and whether it is a copy to remove (a local
+    path is used in place)."""
     if "://" not in uri:
-        return Path(uri)
+        return Path(uri), False
     import fsspec
 
     target = Path(tempfile.mkdtemp(prefix="cacara-reference-"))
     fs, path = fsspec.core.url_to_fs(uri)
     fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-    return target
+    return target, True
 
 
 def package_task(values: dict[str, Any]) -> None:

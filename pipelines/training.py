@@ -168,6 +168,7 @@ def _graph(values: Mapping[str, Any], cluster: ClusterSection) -> None:
     drift = _cpu_task(c.check_drift(dataset=dataset, data_md5=md5, reference_uri=values["drift_reference_uri"],
                                     **_settings(values, DriftConfig)), cluster)
     _reads_remote_storage(drift, cluster)  # the reference lives in object storage
+    drift.set_caching_options(False)  # the cache key sees the reference's URI, not what is there now
     drift.after(validated)
     texts = _cpu_task(c.embed_text(dataset=dataset, data_md5=md5, **_settings(values, EmbedTextConfig)), cluster)
     texts.after(validated, drift)  # nothing trains on data that failed validation or drifted

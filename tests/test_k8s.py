@@ -478,13 +478,18 @@ def test_search_pods_log_requests_where_the_drift_cronjob_reads_them(built):
 
     log_dir = _env(_search_container(_pod(deployment)))["CACARA_DRIFT_LOG_DIR"]["value"]
     assert mount(deployment, "search", log_dir) == {"claim": DRIFT_LOG_CLAIM, "readOnly": False, "subPath": None}
-    assert mount(cronjob, "drift", log_dir) == {"claim": DRIFT_LOG_CLAIM, "readOnly": True, "subPath": None}
-    assert mount(cronjob, "drift", "/reports")["subPath"] == "reports"
+    assert mount(cronjob, "drift", log_dir) == {"claim": DRIFT_LOG_CLAIM, "readOnly": False, "subPath": None}
     drift = next(c for c in _pod(cronjob)["containers"] if c["name"] == "drift")
     script = drift["command"][-1]
     assert f"--current {log_dir}" in script and "/drift_reference" in script and script.lstrip().startswith("model=")
+    assert f"\nfind {log_dir} -maxdepth 1 -name 'requests-*' -mtime +7 -delete\n" in script, "gone pods' files pruned"
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     assert _pod(cronjob)["restartPolicy"] == "Never"
+    from cacara.cli import DRIFT_CANNOT_COMPARE
+
+    rules = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [{"action": "FailJob", "onExitCodes": {"containerName": "drift", "operator": "In",
+                                                           "values": [1, DRIFT_CANNOT_COMPARE]}}]
     image_name = _params()["cluster"]["image"].rsplit(":", 1)[0]
     assert {c["image"] for c in _containers(_pod(cronjob))} == {f"{image_name}:{SEARCH_TAGS[overlay]}"}
     served = _env(_search_container(_pod(deployment)))["CACARA_BENTO_MODEL"]["valueFrom"]["configMapKeyRef"]
@@ -498,10 +503,10 @@ def test_drift_cronjob_command_is_a_real_cacara_invocation(built):
 
     _, docs = built
     drift = next(c for c in _pod(_one(docs, "CronJob", "cacara-drift"))["containers"] if c["name"] == "drift")
-    line = drift["command"][-1].split("exec ", 1)[1].replace("\\\n", " ")
+    line = drift["command"][-1].split("\nexec ", 1)[1].replace("\\\n", " ")
     argv = line.replace('"$model/drift_reference"', "/m/drift_reference").replace(
-        '"/reports/$(date -u +%Y-%m-%d)"', "/reports/x").split()
+        '"/var/log/cacara/reports/$(date -u +%Y-%m-%d)"', "/var/log/cacara/reports/x").split()
     assert argv[0] == "cacara"
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.reference, args.current, args.out) == ("drift", "/m/drift_reference",
-                                                                     "/var/log/cacara", "/reports/x")
+                                                                     "/var/log/cacara", "/var/log/cacara/reports/x")

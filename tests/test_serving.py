@@ -534,6 +534,11 @@ def test_served_process_logs_audio_requests_for_drift_checks_without_audio_or_te
         client.classify(audio=clip, labels=["a dog", "un perro"])
         client.embed_text(texts=["a private sentence nobody may log"])
         client.search(query="another private query", k=3)
+    import time
+
+    deadline = time.monotonic() + 30  # the log's own thread writes them, after the answers
+    while len(lines()) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
     records = lines()[before:]
     assert [r["endpoint"] for r in records] == ["embed_audio", "search_audio", "classify"]
     np.testing.assert_allclose(records[0]["embedding"], vector, atol=1e-6)
@@ -541,6 +546,38 @@ def test_served_process_logs_audio_requests_for_drift_checks_without_audio_or_te
     assert "private" not in text and "perro" not in text and packaged.clips[0].clip_id not in text
     assert records[0]["orig_sample_rate"] == 16000 and records[0]["duration_s"] > 0
     assert len(read_log(served.drift_log).features) >= 3
+
+
+def test_a_failing_drift_log_never_fails_a_request_nor_the_start(client, engine, packaged, monkeypatch, tmp_path):
+    """A full or lost log volume costs records, counted in /info, never an answer; an unwritable folder at
+    start-up costs the log, not the service."""
+    from cacara import audio
+
+    class FullDisk:
+        path = tmp_path / "requests-x.jsonl"
+
+        def append(self, *args):
+            raise OSError(28, "No space left on device")
+
+    clip = audio.decode(packaged.dataset / packaged.clips[0].audio_path, 16000)
+    saved = engine.drift_log
+    engine.drift_log = FullDisk()
+    try:
+        rows = engine.embed_waves([clip, clip])
+        assert rows.shape == (2, engine.embedder.dim) and engine.drift_log_errors >= 2
+        assert engine.info()["drift_log_errors"] == engine.drift_log_errors
+    finally:
+        engine.drift_log = saved
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(client.service.DRIFT_LOG_ENV, str(blocked / "logs"))
+    assert client.service._drift_log(bentoml_model_path(packaged)) is None
+
+
+def bentoml_model_path(packaged) -> str:
+    import bentoml
+
+    return bentoml.models.get(packaged.model_tag).path
 
 
 def test_served_process_refuses_bad_input_and_stays_ready(served, tmp_path):
