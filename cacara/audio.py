@@ -48,6 +48,8 @@ class DecodedAudio:
 #: With ``max_seconds``, at most this many samples per second of allowed audio, over all channels (96 kHz
 #: stereo): a small file whose header claims many channels at a high rate would decode to gigabytes.
 MAX_SAMPLES_PER_SECOND = 96_000 * 2
+#: What libsndfile reports as the frame count of a file whose header does not say (SF_COUNT_MAX is 2**63 - 1).
+UNKNOWN_FRAMES = 2**62
 
 
 def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int | None = None,
@@ -80,14 +82,17 @@ def decode(source: str | Path | bytes | BinaryIO, target_sr: int, max_bytes: int
             if max_seconds is None:
                 data = f.read(dtype="float32", always_2d=True)
             else:
-                if f.frames > max_seconds * sr:
+                # libsndfile says SF_COUNT_MAX when the header gives no length (a streamed FLAC): read, bounded.
+                unknown = f.frames >= UNKNOWN_FRAMES
+                if not unknown and f.frames > max_seconds * sr:
                     raise AudioError("too_long", f"{f.frames / sr:.1f} s by its header, above the limit of {max_seconds:g} s")
                 if sr * channels > MAX_SAMPLES_PER_SECOND:
                     raise AudioError("too_many_samples", f"{channels} channels at {sr} Hz: more than "
                                                          f"{MAX_SAMPLES_PER_SECOND} samples per second")
                 data = f.read(frames=int(max_seconds * sr) + 1, dtype="float32", always_2d=True)
                 if data.shape[0] > max_seconds * sr:
-                    raise AudioError("too_long", f"more than the limit of {max_seconds:g} s (its header said less)")
+                    said = "gave no length" if unknown else f"said {f.frames / sr:.1f} s"
+                    raise AudioError("too_long", f"more than the limit of {max_seconds:g} s (its header {said})")
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:

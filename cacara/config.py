@@ -72,10 +72,30 @@ class SplitSection(Section):
         return {s: float(getattr(self, s)) for s in SPLITS}
 
 
+def _whole_filesystem(root: str) -> bool:
+    """A root that would allow everything on its filesystem or store: ``/``, ``//``, ``/..``, ``s3://``,
+    ``file:///``."""
+    import os.path
+    import posixpath
+
+    root = root.strip()
+    path = "/" + root.split("://", 1)[1] if "://" in root else os.path.abspath(root) if root else "/"
+    return posixpath.normpath(path) in ("/", "//")
+
+
 class IngestSection(Section):
     max_bad_fraction: float = Field(ge=0, le=1)
     training_language: str = Field(pattern=LANGUAGE_CODE)
     audio_format: Literal["flac", "wav"]
+    allowed_roots: list[str] = Field(default_factory=list)  # folders or URL prefixes, besides the source's own
+
+    @model_validator(mode="after")
+    def _roots_are_folders(self) -> "IngestSection":
+        for root in self.allowed_roots:
+            if _whole_filesystem(root):
+                raise ValueError(f"allowed_roots entry {root!r}: name a folder or a bucket prefix, not a whole "
+                                 "filesystem")
+        return self
 
 
 class ValidateSection(Section):

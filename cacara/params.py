@@ -39,14 +39,22 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         params = yaml.safe_load(fh) or {}
     params = copy.deepcopy(params)
     for key, value in (overrides or {}).items():
-        node = params
+        node: Any = params
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else node
-        if not isinstance(node, dict) or (leaf not in node and parents):
-            from cacara.config import ConfigError
-
-            known = ", ".join(sorted(node)) if isinstance(node, dict) else "nothing (not a section)"
-            raise ConfigError(f"unknown parameter {key!r}; {'.'.join(parents) or 'params.yaml'} has {known}")
+        for depth, part in enumerate(parents + [leaf]):
+            where = ".".join(parents[:depth]) or "params.yaml"
+            if not isinstance(node, dict):
+                _refuse(f"unknown parameter {key!r}: {where} is a value, not a section")
+            if part not in node:
+                # A new key would be refused by the typed configs anyway; say here what the section holds.
+                _refuse(f"unknown parameter {key!r}; {where} has {', '.join(sorted(map(str, node))) or 'nothing'}")
+            if depth < len(parents):
+                node = node[part]
         node[leaf] = value
     return params
+
+
+def _refuse(message: str) -> None:
+    from cacara.config import ConfigError  # config imports nothing from here; this keeps it that way
+
+    raise ConfigError(message)

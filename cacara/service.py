@@ -11,8 +11,10 @@ recorded when the model was packaged, so a deployed Bento behaves as it was buil
     POST /classify       multipart audio=FILE, labels=[...] -> [{"label", "score", "probability"}, ...]
     GET  /info, GET / (search page), GET /clips/{id}/audio, GET /docs (OpenAPI page)
 
-BentoML 1.4 has no request-body limit, so ``BodyLimit`` answers 413 before an oversized body is read
-(the ingress caps it too). The pickle content type is refused by BentoML itself on every endpoint.
+BentoML 1.4 has no request-body limit, so ``RequestGuard`` answers 413 before an oversized body is read
+(the ingress caps it too), and 400 for a multipart body that cannot be parsed (BentoML would answer 500:
+found by fuzzing, benchmarks/fuzz_service.py). The pickle content type is refused by BentoML itself on
+every endpoint.
 """
 
 from __future__ import annotations
@@ -98,9 +100,15 @@ class Refused(BentoMLException):
         super().__init__(str(exc), error_code=HTTPStatus(exc.status))
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body above the limit, by Content-Length before reading it, and by
-    counting for bodies sent without one (chunked)."""
+class RequestGuard:
+    """ASGI middleware, before BentoML sees a request: 413 for a body above the limit (by Content-Length
+    before reading it, by counting for bodies sent without one), and 400 for a multipart body without a
+    boundary or that does not parse.
+
+    Why the multipart check: BentoML parses forms inside its endpoint wrapper, which turns Starlette's own
+    400 for a malformed form into a 500. A multipart body is therefore read here (it is bounded by the
+    limit, and BentoML reads it whole anyway), parsed with Starlette's parser, and replayed to the app.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, int(max_bytes)
@@ -108,11 +116,24 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send, f"request body of {length.decode(errors='replace')} bytes, above "
-                                            f"the limit of {self.max_bytes}")
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)  # the first of repeated headers, as Starlette and BentoML read them
+        length = headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return await _refuse(send, 400, f"Content-Length {length[:40]!r} is not a number")
+        if length is not None and int(length) > self.max_bytes:
+            return await _refuse(send, 413, f"request body of {length} bytes, above the limit of {self.max_bytes}")
+        if scope.get("method") == "POST" and _is_multipart(headers.get("content-type", "")):
+            body = await self._read(receive)
+            if body is _GONE:
+                return None  # the client left mid-body: nothing to answer, nothing to run
+            if body is None:
+                return await _refuse(send, 413, f"request body above the limit of {self.max_bytes} bytes")
+            problem = await _multipart_problem(scope, body)
+            if problem:
+                return await _refuse(send, 400, f"malformed multipart/form-data body: {problem}")
+            receive = _replay(body, receive)
         seen, too_large, started = 0, False, False
 
         async def counting_receive():
@@ -140,14 +161,65 @@ class BodyLimit:
             if not too_large:
                 raise
         if too_large and not started:
-            await self._refuse(send, f"request body above the limit of {self.max_bytes} bytes")
+            await _refuse(send, 413, f"request body above the limit of {self.max_bytes} bytes")
 
-    @staticmethod
-    async def _refuse(send, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _read(self, receive) -> bytes | object | None:
+        """The whole body; None past the limit, _GONE when the client disconnected before the end."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _GONE
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+_GONE = object()
+
+
+def _is_multipart(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+
+
+async def _multipart_problem(scope, body: bytes) -> str | None:
+    """What Starlette's form parser (the one BentoML uses) says is wrong with ``body``, or None."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(Headers(scope=scope), stream()).parse()
+    except MultiPartException as exc:
+        return exc.message
+    await form.close()
+    return None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _page_app():
@@ -267,4 +339,4 @@ class CacaraSearch:
             raise Refused(exc) from None
 
 
-CacaraSearch.add_asgi_middleware(BodyLimit, max_bytes=LIMITS.max_upload_bytes)
+CacaraSearch.add_asgi_middleware(RequestGuard, max_bytes=LIMITS.max_upload_bytes)

@@ -10,9 +10,11 @@ import csv
 import io
 import json
 import logging
+import os
+import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import fsspec
 
@@ -104,12 +106,13 @@ def locate(source: str, fmt: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
     with fs.open(table, "rb") as fh:
         head = _decode_text(fh.read(65536))
     if table.endswith(".jsonl") or table.endswith(".json"):
-        first = next((ln for ln in head.splitlines() if ln.strip()), "{}")
+        first = next((ln for ln in head.split("\n") if ln.strip()), "{}")
         try:
             row = json.loads(first)
         except json.JSONDecodeError:
             return fs, table, "manifest"
-        return fs, table, "canonical" if {"audio_path", "sample_rate", "sha256"} <= set(row) else "manifest"
+        canonical = isinstance(row, dict) and {"audio_path", "sample_rate", "sha256"} <= set(row)
+        return fs, table, "canonical" if canonical else "manifest"
     header = {h.strip() for h in next(csv.reader(io.StringIO(head)), [])}
     if {"audiocap_id", "youtube_id", "caption"} <= header:
         return fs, table, "audiocaps"
@@ -118,8 +121,113 @@ def locate(source: str, fmt: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
     return fs, table, "manifest"
 
 
-def read_source(source: str, fmt: str, training_language: str) -> tuple[str, list[SourceRow | BadRow]]:
-    """Parse every row of the source; returns (format, rows). Unparseable rows come back as BadRow."""
+LOCAL_PROTOCOLS = ("file", "local")
+#: Path segments a remote store may resolve differently from us (HTTP clients undo ``%2e%2e``; S3 keys
+#: may literally contain ``..``): refused rather than normalised.
+DOT_SEGMENT = re.compile(r"^(\.|%2e){1,2}$", re.IGNORECASE)
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(protocol, path): "" and an absolute path for local files (``file://`` and ``local://`` included),
+    else the protocol and the path as written."""
+    if "://" in url:
+        protocol, path = url.split("://", 1)
+        if protocol.lower() in LOCAL_PROTOCOLS:
+            return "", "/" + path.lstrip("/")
+        return protocol, "/" + path.lstrip("/")
+    # Not normalised: "link/../x" means what the kernel makes of it (link followed first), which only
+    # realpath of the path as written tells.
+    return "", url if os.path.isabs(url) else os.path.join(os.getcwd(), url)
+
+
+def _within(path: str, root: str) -> bool:
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root if root.endswith("/") else root + "/")
+
+
+def _root(root: str) -> tuple[str, str]:
+    """A root as (protocol, canonical path): symlinks resolved for local folders."""
+    protocol, path = _split_url(root)
+    return protocol, (os.path.realpath(path) if not protocol else posixpath.normpath(path))
+
+
+class Escaped(PermissionError):
+    """The file opened lies outside the roots, although its name did not when it was checked."""
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Where a source's audio may be read from: the folder of its manifest or CSV, and the roots that
+    ``ingest.allowed_roots`` lists.
+
+    Why: manifests come from buckets other teams fill. Without this, a row naming ``/etc/passwd``,
+    ``../../secrets.flac`` or a symlink out of the folder would be opened and read by the pipeline (with
+    the credentials of the pipeline), and a remote manifest could make it read local files. A local file
+    is checked twice: by name before it is opened (the quarantine reason), and by what was opened
+    (:meth:`open`), so swapping a symlink in between gains nothing.
+    """
+
+    roots: tuple[str, ...]
+
+    @classmethod
+    def of(cls, source_root: str, allowed: Iterable[str] = ()) -> "Confinement":
+        return cls(tuple([source_root, *allowed]))
+
+    def refusal(self, url: str) -> tuple[str, str] | None:
+        """None when ``url`` lies inside a root, else (quarantine reason, detail naming the file)."""
+        hint = f"outside {self._roots_text()} (list its folder under ingest.allowed_roots to allow it)"
+        if url.startswith("://") or "::" in url.split("://", 1)[0]:
+            return "outside_root", f"{url}: not a plain path or URL, {hint}"
+        protocol, path = _split_url(url)
+        roots = [r for r in map(_root, self.roots) if r[0] == protocol]
+        if protocol:
+            segments = path.split("/")
+            if any(DOT_SEGMENT.match(seg) for seg in segments) or not any(_within(path, r) for _, r in roots):
+                return "outside_root", f"{url} is {hint}"
+            return None
+        if any(p for p, _ in map(_root, self.roots)) and not roots:
+            return "outside_root", f"{url} is a local file, {hint}"
+        lexical = os.path.normpath(path)
+        # realpath of the path as written: the kernel follows a symlink before it applies a later "..".
+        real = os.path.realpath(path)
+        lexical_roots = [os.path.normpath(_split_url(r)[1]) for r in self.roots if not _split_url(r)[0]]
+        if not any(_within(lexical, r) for r in lexical_roots + [r for _, r in roots]):
+            reason = "path_escape" if ".." in url.replace("\\", "/").split("/") else "absolute_path"
+            return reason, f"{url} is {hint}"
+        if not any(_within(real, r) for _, r in roots):
+            return "symlink_escape", f"{url} resolves to {real}, {hint}"
+        return None
+
+    def open(self, url: str):
+        """The file, opened for reading, after checking what was opened (local files) lies in a root.
+
+        Raises FileNotFoundError / OSError as ``open`` does, and Escaped when the opened file is outside the
+        roots (a symlink swapped after :meth:`refusal` looked).
+        """
+        protocol, path = _split_url(url)
+        if protocol:
+            return fsspec.open(url, "rb").open()
+        fh = open(path, "rb")  # noqa: SIM115 - handed to the caller
+        try:
+            opened = os.readlink(f"/proc/self/fd/{fh.fileno()}")
+        except OSError:
+            opened = os.path.realpath(path)
+        if not any(_within(opened, r) for p, r in map(_root, self.roots) if not p):
+            fh.close()
+            raise Escaped(f"{url} opened as {opened}, outside {self._roots_text()}")
+        return fh
+
+    def _roots_text(self) -> str:
+        return "the source root " + self.roots[0] + (f" and the allowed roots {list(self.roots[1:])}"
+                                                     if len(self.roots) > 1 else "")
+
+
+def read_source(source: str, fmt: str, training_language: str) -> tuple[str, list[SourceRow | BadRow], str]:
+    """Parse every row of the source; returns (format, rows, root). Unparseable rows come back as BadRow.
+
+    ``root`` is the folder holding the manifest or CSV, as a URL for remote sources: the audio a row
+    names must lie inside it (:class:`Confinement`).
+    """
     fs, table, fmt = locate(source, fmt)
     base = table.rsplit("/", 1)[0] if "/" in table else ""
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
@@ -132,8 +240,12 @@ def read_source(source: str, fmt: str, training_language: str) -> tuple[str, lis
     else:
         reader = {"clotho": _clotho_rows, "audiocaps": _audiocaps_rows, "manifest": _csv_manifest_rows}[fmt]
         rows = list(reader(text, base_url, training_language, fs, prefix, table))
+    name = table.rsplit("/", 1)[-1]
+    for r in rows:
+        if isinstance(r, BadRow):  # the detail names the file and line, as the audio errors name the file
+            r.detail = f"{name} line {r.row}: {r.detail}"
     log.info("read %d rows from %s (%s format)", len(rows), table, fmt)
-    return fmt, rows
+    return fmt, rows, base_url or ("/" if table.startswith("/") else ".")
 
 
 def _check_text(row: SourceRow | BadRow) -> SourceRow | BadRow:
@@ -147,7 +259,10 @@ def _check_text(row: SourceRow | BadRow) -> SourceRow | BadRow:
 
 
 def _jsonl_rows(text: str, base: str, training_language: str) -> Iterator[SourceRow | BadRow]:
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Split on newlines only: str.splitlines() also splits on U+2028, U+0085 and other characters that
+    # JSON allows unescaped inside a caption, which would cut a valid row in two.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if _has_surrogates(line):

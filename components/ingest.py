@@ -23,18 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from tqdm import tqdm
 
 from cacara import audio
 from cacara.config import IngestConfig
+from cacara.files import atomic_write_text, exclusive_output
 from cacara.manifest import MANIFEST_NAME, QUARANTINE_NAME, SPLITS, Clip, assign_split, read_manifest, write_manifest
-from cacara.sources import BadRow, SourceRow, read_source
+from cacara.sources import BadRow, Confinement, Escaped, SourceRow, read_source
 
 log = logging.getLogger(__name__)
 
 AUDIO_DIR = "audio"
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME = 120  # characters of a clip id kept in its file name; a hash of the whole id follows
 
 
 class IngestFailed(RuntimeError):
@@ -82,8 +83,10 @@ class IngestResult:
 
 
 def _file_name(clip_id: str, audio_format: str) -> str:
-    """A filesystem-safe, collision-free name: ids from Clotho carry spaces, AudioCaps ids are fine."""
-    safe = SAFE_NAME.sub("_", clip_id).strip("._") or "clip"
+    """A filesystem-safe, collision-free name: ids from Clotho carry spaces, AudioCaps ids are fine, and a
+    hostile id (``../../evil``, a 10 000-character one) must neither escape the folder nor exceed the
+    255-byte name limit of common filesystems."""
+    safe = SAFE_NAME.sub("_", clip_id).strip("._")[:MAX_NAME] or "clip"
     if safe != clip_id:
         safe = f"{safe}-{hashlib.sha256(clip_id.encode()).hexdigest()[:8]}"
     return f"{AUDIO_DIR}/{safe}.{audio_format}"
@@ -118,6 +121,15 @@ def _settings_key(config: IngestConfig) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _unchanged(path: Path, sha256: str) -> bool:
+    """The earlier dataset's file is still the one its manifest describes: a run killed before it wrote its
+    manifest (or one with other settings) may have replaced it under the same name."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
+        return False
+
+
 def _place(src: Path, dest: Path) -> None:
     """Put an unchanged clip's file from the earlier dataset into the new one (a hard link where possible)."""
     if src.resolve() == dest.resolve():
@@ -129,13 +141,31 @@ def _place(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+READ_CHUNK = 1 << 20
+
+
+def _read_at_most(fh, limit: int) -> bytes:
+    """Up to ``limit`` bytes in 1 MiB reads: ``read(limit)`` would allocate the whole limit (100 MiB) up front
+    for every file, however small (measured: benchmarks/results/resource_bounds.md)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = fh.read(min(READ_CHUNK, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _convert(row: SourceRow, captions: dict[str, list[str]], out_dir: Path, config: IngestConfig,
-             previous: dict[str, Clip], previous_dir: Path | None) -> tuple[Clip, bool]:
+             previous: dict[str, Clip], previous_dir: Path | None, confinement: Confinement) -> tuple[Clip, bool]:
     """Decode, check and write one clip; raises AudioError with the quarantine reason."""
     a = config.audio
     try:
-        with fsspec.open(row.audio_url, "rb") as fh:
-            raw = fh.read(a.max_file_bytes + 1)
+        with confinement.open(row.audio_url) as fh:
+            raw = _read_at_most(fh, a.max_file_bytes + 1)
+    except Escaped as exc:
+        raise audio.AudioError("symlink_escape", str(exc)) from exc
     except FileNotFoundError as exc:
         raise audio.AudioError("missing_file", row.audio_url) from exc
     except OSError as exc:
@@ -146,16 +176,16 @@ def _convert(row: SourceRow, captions: dict[str, list[str]], out_dir: Path, conf
     split = assign_split(row.clip_id, config.split.seed, config.split.fractions())
     prev = previous.get(row.clip_id)
     if (prev is not None and previous_dir is not None and prev.extra.get("source_sha256") == source_hash
-            and prev.extra.get("settings") == settings and (previous_dir / prev.audio_path).exists()):
+            and prev.extra.get("settings") == settings and _unchanged(previous_dir / prev.audio_path, prev.sha256)):
         _place(previous_dir / prev.audio_path, out_dir / prev.audio_path)
         clip = Clip(**{**prev.__dict__, "captions": captions, "split": split,
                        "source": row.source or prev.source, "license": row.license or prev.license})
         return clip, True
-    decoded = audio.decode(raw, a.sample_rate, max_bytes=a.max_file_bytes)
+    # max_seconds: a header claiming hours, or a small file that decodes to far more samples than it
+    # weighs, is refused from its header or after max_duration_s of audio, never decoded in full.
+    decoded = audio.decode(raw, a.sample_rate, max_bytes=a.max_file_bytes, max_seconds=a.max_duration_s)
     if decoded.duration_s < a.min_duration_s:
         raise audio.AudioError("too_short", f"{decoded.duration_s:.2f} s < {a.min_duration_s} s")
-    if decoded.duration_s > a.max_duration_s:
-        raise audio.AudioError("too_long", f"{decoded.duration_s:.2f} s > {a.max_duration_s} s")
     level = audio.rms_dbfs(decoded.samples)
     if level < a.silence_rms_dbfs:
         raise audio.AudioError("silent", f"RMS {level:.1f} dBFS < {a.silence_rms_dbfs} dBFS")
@@ -190,11 +220,17 @@ def ingest(source: str | Path, out_dir: str | Path, config: IngestConfig, previo
     """
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
-    out = Path(out_dir)
+    with exclusive_output(out_dir, "ingest"):
+        return _ingest(source, Path(out_dir), config, Path(previous) if previous is not None else None,
+                       shard, num_shards)
+
+
+def _ingest(source: str | Path, out: Path, config: IngestConfig, previous_dir: Path | None, shard: int,
+            num_shards: int) -> IngestResult:
     (out / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
-    previous_dir = Path(previous) if previous is not None else None
     lang = config.ingest.training_language
-    fmt_used, rows = read_source(str(source), config.format, lang)
+    fmt_used, rows, root = read_source(str(source), config.format, lang)
+    confinement = Confinement.of(root, config.ingest.allowed_roots)
     rows = [r for r in rows if shard_of(r, num_shards) == shard]
     earlier = _previous(previous_dir)
     clips: list[Clip] = []
@@ -210,13 +246,17 @@ def ingest(source: str | Path, out_dir: str | Path, config: IngestConfig, previo
             quarantined.append(Quarantined(row.row, row.clip_id, "duplicate_id", "clip_id seen in an earlier row"))
             continue
         seen.add(row.clip_id)
+        refused = confinement.refusal(row.audio_url)
+        if refused is not None:  # checked before the file is opened: nothing outside the roots is read
+            quarantined.append(Quarantined(row.row, row.clip_id, *refused))
+            continue
         captions = _clean_captions(row, dropped)
         if not captions.get(lang):
             quarantined.append(Quarantined(row.row, row.clip_id, "empty_caption",
                                            f"no non-empty caption in the training language {lang!r}"))
             continue
         try:
-            clip, was_reused = _convert(row, captions, out, config, earlier, previous_dir)
+            clip, was_reused = _convert(row, captions, out, config, earlier, previous_dir, confinement)
         except audio.AudioError as exc:
             detail = exc.detail if row.audio_url in exc.detail else f"{row.audio_url}: {exc.detail}"
             quarantined.append(Quarantined(row.row, row.clip_id, exc.reason, detail))
@@ -244,7 +284,7 @@ def _write_dataset(result: IngestResult, source: str, config: IngestConfig) -> N
               "max_bad_fraction": config.ingest.max_bad_fraction,
               "quarantined": [q.__dict__ for q in sorted(result.quarantined, key=lambda q: (q.row, q.clip_id))],
               "dropped_captions": sorted(result.dropped_captions, key=lambda d: (d["clip_id"], d["language"], d["index"]))}
-    (out / QUARANTINE_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(out / QUARANTINE_NAME, json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def _gate(result: IngestResult, config: IngestConfig) -> None:
@@ -261,7 +301,11 @@ def merge_shards(parts: list[str | Path], out_dir: str | Path, config: IngestCon
     The result equals what a single-shard ingest of the same source writes; the bad-fraction gate runs
     here, over every row.
     """
-    out = Path(out_dir)
+    with exclusive_output(out_dir, "merge-shards"):
+        return _merge_shards(parts, Path(out_dir), config)
+
+
+def _merge_shards(parts: list[str | Path], out: Path, config: IngestConfig) -> IngestResult:
     (out / AUDIO_DIR).mkdir(parents=True, exist_ok=True)
     clips: list[Clip] = []
     quarantined: list[Quarantined] = []

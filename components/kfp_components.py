@@ -40,7 +40,7 @@ def ingest_shard(
     data_format: str, audio_sample_rate: int, audio_min_duration_s: float, audio_max_duration_s: float,
     audio_max_file_bytes: int, audio_silence_rms_dbfs: float, split_seed: int, split_train: float,
     split_val: float, split_test: float, ingest_max_bad_fraction: float, ingest_training_language: str,
-    ingest_audio_format: str,
+    ingest_audio_format: str, ingest_allowed_roots: list,
 ):
     """One shard of the source (rows whose clip id hashes to it) as a canonical dataset."""
     from components.tasks import ingest_task
@@ -53,7 +53,7 @@ def merge_shards(
     data_format: str, audio_sample_rate: int, audio_min_duration_s: float, audio_max_duration_s: float,
     audio_max_file_bytes: int, audio_silence_rms_dbfs: float, split_seed: int, split_train: float,
     split_val: float, split_test: float, ingest_max_bad_fraction: float, ingest_training_language: str,
-    ingest_audio_format: str,
+    ingest_audio_format: str, ingest_allowed_roots: list,
 ):
     """The shards as one dataset; fails when more than ingest.max_bad_fraction of all rows are bad."""
     from components.tasks import merge_task

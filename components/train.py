@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cacara.augment import WaveAugment
 from cacara.config import TrainConfig, TrainSection
+from cacara.files import exclusive_output
 from cacara.data import ClipAudio, batches, pad_batch
 from cacara.manifest import read_manifest
 from model.cacara_model import (CacaraModel, build_model, embed_waveforms, load_model, save_model,
@@ -210,6 +211,15 @@ def train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path
     epoch, anything else starts afresh. ``max_epochs_this_run`` stops early after that many epochs with
     a valid checkpoint, which is what a preempted node looks like.
     """
+    # Only the process that writes holds the folder: torchrun's other ranks (RANK > 0) write nothing there;
+    # without WORLD_SIZE > 1 this process is rank 0 whatever RANK says (_setup_distributed).
+    writer = int(os.environ.get("WORLD_SIZE") or 1) <= 1 or os.environ.get("RANK", "0") in ("", "0")
+    with exclusive_output(out_dir, "train") if writer else nullcontext():
+        return _train(dataset_dir, text_emb_dir, out_dir, config, text_encoder, resume_from, max_epochs_this_run)
+
+
+def _train(dataset_dir: str | Path, text_emb_dir: str | Path, out_dir: str | Path, config: TrainConfig,
+           text_encoder: str | None, resume_from: str | Path | None, max_epochs_this_run: int | None) -> TrainResult:
     p = config.train
     augment = WaveAugment(p.augment_gain_db, p.augment_shift_s)
     text_encoder = text_encoder or config.model.text_encoder

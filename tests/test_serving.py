@@ -602,3 +602,16 @@ def test_served_process_refuses_bad_input_and_stays_ready(served, tmp_path):
     with urllib.request.urlopen(served.url + "/metrics", timeout=10) as r:
         metrics = r.read().decode()
     assert r.status == 200 and "bentoml_service_request_total" in metrics and 'endpoint="/embed_audio"' in metrics
+
+
+def test_fuzzed_requests_get_no_5xx_and_the_service_stays_ready(served, tmp_path):
+    """schemathesis against the running service's own OpenAPI schema, on loopback, bounded: the long run
+    (over 1000 requests) is benchmarks/fuzz_service.py."""
+    from benchmarks.fuzz_service import fuzz
+
+    result = fuzz(served.url, tmp_path, max_examples=3, seed=1, max_time_s=40, timeout_s=300)
+    assert result.requests >= 50, result.output_tail
+    assert result.five_xx == 0, result.server_errors
+    assert result.exit_code == 0, result.output_tail
+    assert result.ready_after and result.search_after
+    assert {"POST /search", "POST /embed_text", "POST /embed_audio"} <= set(result.by_operation), result.by_operation
