@@ -7,6 +7,7 @@ one code path for quarantine, decoding and writing whatever the input format was
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -173,25 +174,34 @@ class Confinement:
     def of(cls, source_root: str, allowed: Iterable[str] = ()) -> "Confinement":
         return cls(tuple([source_root, *allowed]))
 
+    @functools.cached_property
+    def _canonical(self) -> list[tuple[str, str]]:
+        """(protocol, path) of each root, symlinks resolved: once, not for every row."""
+        return [_root(r) for r in self.roots]
+
+    @functools.cached_property
+    def _lexical_local(self) -> list[str]:
+        """The local roots as written (normalised, links not followed)."""
+        return [os.path.normpath(path) for protocol, path in map(_split_url, self.roots) if not protocol]
+
     def refusal(self, url: str) -> tuple[str, str] | None:
         """None when ``url`` lies inside a root, else (quarantine reason, detail naming the file)."""
         hint = f"outside {self._roots_text()} (list its folder under ingest.allowed_roots to allow it)"
         if url.startswith("://") or "::" in url.split("://", 1)[0]:
             return "outside_root", f"{url}: not a plain path or URL, {hint}"
         protocol, path = _split_url(url)
-        roots = [r for r in map(_root, self.roots) if r[0] == protocol]
+        roots = [r for r in self._canonical if r[0] == protocol]
         if protocol:
             segments = path.split("/")
             if any(DOT_SEGMENT.match(seg) for seg in segments) or not any(_within(path, r) for _, r in roots):
                 return "outside_root", f"{url} is {hint}"
             return None
-        if any(p for p, _ in map(_root, self.roots)) and not roots:
+        if not roots:
             return "outside_root", f"{url} is a local file, {hint}"
         lexical = os.path.normpath(path)
         # realpath of the path as written: the kernel follows a symlink before it applies a later "..".
         real = os.path.realpath(path)
-        lexical_roots = [os.path.normpath(_split_url(r)[1]) for r in self.roots if not _split_url(r)[0]]
-        if not any(_within(lexical, r) for r in lexical_roots + [r for _, r in roots]):
+        if not any(_within(lexical, r) for r in self._lexical_local + [r for _, r in roots]):
             reason = "path_escape" if ".." in url.replace("\\", "/").split("/") else "absolute_path"
             return reason, f"{url} is {hint}"
         if not any(_within(real, r) for _, r in roots):
@@ -212,7 +222,7 @@ class Confinement:
             opened = os.readlink(f"/proc/self/fd/{fh.fileno()}")
         except OSError:
             opened = os.path.realpath(path)
-        if not any(_within(opened, r) for p, r in map(_root, self.roots) if not p):
+        if not any(_within(opened, r) for p, r in self._canonical if not p):
             fh.close()
             raise Escaped(f"{url} opened as {opened}, outside {self._roots_text()}")
         return fh
